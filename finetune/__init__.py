@@ -1,0 +1,1 @@
+"""Fine-tuning with accelerate: `accelerate launch finetune --config ...`."""

@@ -1,0 +1,36 @@
+"""`mimkit` command: shards, export, demo, submit. Each sub-command lives in its own module."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "shards": ("mimkit.data.shards", "write WebDataset tar shards from an ImageFolder or a file list"),
+    "export": ("mimkit.checkpoint.export", "turn a ZeRO checkpoint into a plain export"),
+    "demo": ("mimkit.demo", "run the whole chain on the embedded demo data"),
+    "submit": ("mimkit.distributed.submit", "submit a stage to Slurm (or run locally) with submitit"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: mimkit COMMAND [args]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"mimkit: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

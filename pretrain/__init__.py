@@ -1,0 +1,1 @@
+"""Masked image modeling pretraining on DeepSpeed ZeRO: `deepspeed pretrain --config ...`."""

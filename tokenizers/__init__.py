@@ -1,0 +1,1 @@
+"""Train visual tokenizers (dVAE, PeCo VQ, VQ-KD): `deepspeed tokenizers --config ...`."""
