@@ -7,6 +7,8 @@ import torch
 
 from mimkit.models.codebook import CodebookConfig, VectorQuantizer, kmeans, usage_stats
 from mimkit.models.dvae import DALLE_MEAN, DALLE_STD, DiscreteVAE, DVAEConfig, cosine_ramp
+from mimkit.models.vqgan import VQGAN, VQGANConfig
+from mimkit.models.vqkd import VQKD, VQKDConfig, align_teacher_tokens, cosine_regression_loss
 from mimkit.models.tokenizer_export import (
     build_tokenizer_model,
     load_tokenizer,
@@ -126,7 +128,7 @@ def test_export_meta_is_checked(tmp_path):
         load_tokenizer(tmp_path / "nothing")
 
 
-@pytest.mark.parametrize("kind", ["dvae"])
+@pytest.mark.parametrize("kind", ["dvae", "peco", "vqkd"])
 def test_random_export_for_pretrain_tests(tmp_path, kind):
     path = save_random_tokenizer_export(tmp_path / kind, kind=kind, input_size=32)
     tok = load_tokenizer(path)
@@ -135,3 +137,39 @@ def test_random_export_for_pretrain_tests(tmp_path, kind):
     assert int(ids.max()) < tok.vocab_size
     rebuilt = build_tokenizer_model(kind, tok.info["arch"])
     assert rebuilt.kind == kind
+
+
+def test_vqgan_downsamples_16x_and_trains_encoder_through_codes():
+    torch.manual_seed(0)
+    model = VQGAN(VQGANConfig(vocab_size=32, embed_dim=8, channels=8, channel_mult=(1, 1, 2, 2, 2),
+                              num_res_blocks=1)).train()
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out["recon"].shape == x.shape and out["ids"].shape == (2, 4, 4)
+    out["loss"].backward()
+    assert model.encoder.net[0].weight.grad.abs().sum() > 0  # straight-through reaches the encoder
+    assert model.quantizer.embedding.grad is None  # the codebook moves by EMA, not by the optimiser
+    model.eval()
+    assert torch.equal(model.tokenize(x), out["ids"])
+    assert model.decode_ids(out["ids"]).shape == x.shape
+
+
+def test_vqkd_regresses_teacher_tokens_with_cosine_loss():
+    torch.manual_seed(0)
+    cfg = VQKDConfig(image_size=32, patch_size=8, dim=32, depth=1, heads=2, decoder_depth=1, vocab_size=16,
+                     code_dim=8, teacher_dim=24)
+    assert cfg.codebook.l2_normalize and cfg.codebook.beta == 1.0 and cfg.codebook.num_codes == 16
+    model = VQKD(cfg).train()
+    x, target = torch.randn(2, 3, 32, 32), torch.randn(2, 16, 24)
+    out = model(x, target)
+    assert out["ids"].shape == (2, 4, 4)
+    out["loss"].backward()
+    assert model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert cosine_regression_loss(target, target) < 1e-6
+    assert cosine_regression_loss(-target, target) == pytest.approx(2.0)
+
+
+def test_teacher_tokens_are_resized_to_the_tokenizer_grid():
+    tokens = torch.randn(2, 1 + 64, 5)  # CLS + 8x8 patches
+    assert align_teacher_tokens(tokens, (4, 4)).shape == (2, 16, 5)
+    assert torch.equal(align_teacher_tokens(tokens, (8, 8)), tokens[:, 1:])
