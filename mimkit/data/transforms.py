@@ -1,0 +1,262 @@
+"""Pretraining views of an image: one random-resized crop box, one or two resized views.
+
+Two ways to run the same augmentation:
+
+* worker mode (`ViewTransform`): the data worker decodes, crops, resizes, flips, jitters and
+  normalises; the batch holds float tensors ready for the model.
+* device mode (`DecodeOnlyTransform` + `DeviceTransform`): the worker only decodes, crops and resizes
+  to fixed-size uint8 tensors and draws the per-sample flip / jitter factors; the training device
+  applies them batched. uint8 batches are 4x smaller to move and the float work leaves the CPU.
+
+Both decode JPEGs with PIL's `draft()` (DCT-domain downscale by 1/2, 1/4 or 1/8) whenever the crop
+box is large enough that the reduced image still covers the output size, then crop+resize in one
+`Image.resize(size, box=...)` call. Most RandomResizedCrop boxes of an ImageNet-size photo shrink to
+224 px, so this skips most of the decode work; it is the main reason this is faster than torchvision.
+
+Randomness comes from Python's `random` module (boxes, flips, jitter factors): the stream seeds it per
+batch, so a batch's augmentation is reproducible from (seed, rank, worker, epoch, batch index).
+Both views of a sample share the crop box and flip, as in BEiT; jitter factors are shared too.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# DALL-E's pixel map x -> 0.8 x + 0.1 written as (x - mean) / std: mean = -0.125, std = 1.25.
+DALLE_MEAN = (-0.125, -0.125, -0.125)
+DALLE_STD = (1.25, 1.25, 1.25)
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom in pixels of the original image
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode; 16-bit and 32-bit grey are rescaled, not clipped to white."""
+    if img.mode == "RGB":
+        img.load()
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(values * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return img.convert("RGB")  # L, LA, P, RGBA, CMYK, YCbCr, 1
+
+
+def sample_crop_box(
+    width: int, height: int, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)
+) -> Box:
+    """RandomResizedCrop's box: area fraction in `scale`, log-uniform aspect in `ratio`, 10 tries,
+    then the largest centre crop whose aspect fits `ratio`."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * random.uniform(scale[0], scale[1])
+        aspect = math.exp(random.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = random.randint(0, width - w)
+            top = random.randint(0, height - h)
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def crop_and_resize(
+    img: Image.Image, box: Box, outputs: Sequence[tuple[int, Image.Resampling]], use_draft: bool = True
+) -> list[Image.Image]:
+    """Square views of `box` at each (size, interpolation); decodes `img` (opened, not yet loaded).
+
+    draft() is asked for the smallest reduction that keeps the box at least as large as the biggest
+    output, so no view is upsampled because of it.
+    """
+    fbox = tuple(float(v) for v in box)
+    if use_draft and img.format == "JPEG":
+        largest = max(size for size, _ in outputs)
+        crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+        request = (
+            max(1, math.ceil(img.width * largest / max(crop_w, 1))),
+            max(1, math.ceil(img.height * largest / max(crop_h, 1))),
+        )
+        full_w = img.width
+        if img.draft(img.mode, request) is not None:
+            factor = img.width / full_w  # 1, 1/2, 1/4 or 1/8 (rounded up sizes)
+            fbox = tuple(v * factor for v in fbox)
+    rgb = to_rgb(img)
+    return [rgb.resize((size, size), interp, box=fbox) for size, interp in outputs]
+
+
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """[3, H, W] uint8 from an RGB image."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def sample_jitter(strength: float) -> tuple[float, float, float]:
+    """Brightness, contrast, saturation factors, each uniform in [1 - s, 1 + s] (no hue, as BEiT)."""
+    if strength <= 0:
+        return (1.0, 1.0, 1.0)
+    lo, hi = max(0.0, 1 - strength), 1 + strength
+    return (random.uniform(lo, hi), random.uniform(lo, hi), random.uniform(lo, hi))
+
+
+def apply_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Colour jitter on float images in [0, 1]. x [B, 3, H, W], factors [B, 3] (bright, contrast, sat).
+
+    Fixed order brightness -> contrast -> saturation (torchvision shuffles the order per call).
+    """
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    f = factors.to(x.dtype).view(-1, 3, 1, 1)
+    x = (x * f[:, 0:1]).clamp_(0, 1)
+    mean = (x * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    x = ((x - mean) * f[:, 1:2] + mean).clamp_(0, 1)
+    grey = (x * weights).sum(1, keepdim=True)
+    return ((x - grey) * f[:, 2:3] + grey).clamp_(0, 1)
+
+
+def normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std with mean, std [3] broadcast over [B, 3, H, W]."""
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+class _CropViews:
+    """Shared setup: crop parameters and the list of (key, size, interpolation) views."""
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        tok_size: int | None = 112,
+        interpolation: str = "bicubic",
+        tok_interpolation: str = "lanczos",
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        flip_prob: float = 0.5,
+        color_jitter: float = 0.4,
+        use_draft: bool = True,
+    ):
+        self.views = [("image", image_size, INTERPOLATIONS[interpolation])]
+        if tok_size:
+            self.views.append(("image_tok", tok_size, INTERPOLATIONS[tok_interpolation]))
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.flip_prob, self.color_jitter, self.use_draft = flip_prob, color_jitter, use_draft
+
+    def _decode_views(self, img: Image.Image) -> tuple[list[torch.Tensor], bool, tuple[float, float, float]]:
+        box = sample_crop_box(img.width, img.height, self.scale, self.ratio)
+        flip = random.random() < self.flip_prob
+        jitter = sample_jitter(self.color_jitter)
+        outputs = [(size, interp) for _, size, interp in self.views]
+        views = [pil_to_uint8(v) for v in crop_and_resize(img, box, outputs, self.use_draft)]
+        return views, flip, jitter
+
+
+class ViewTransform(_CropViews):
+    """Worker mode: PIL image (opened, not loaded) -> {"image", ["image_tok"]} float, normalised.
+
+    With `tok_size` it is BEiT's two-view transform (ViT view bicubic, tokenizer view e.g. 112 px
+    lanczos with the tokenizer's own mean / std, by default DALL-E's 0.8 x + 0.1 map); with
+    `tok_size=None` the single-view MAE / MILAN transform.
+    """
+
+    def __init__(self, *args, mean=IMAGENET_MEAN, std=IMAGENET_STD, tok_mean=DALLE_MEAN, tok_std=DALLE_STD, **kw):
+        super().__init__(*args, **kw)
+        self.stats = {
+            "image": (torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)),
+            "image_tok": (torch.tensor(tok_mean, dtype=torch.float32), torch.tensor(tok_std, dtype=torch.float32)),
+        }
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        views, flip, jitter = self._decode_views(img)
+        factors = torch.tensor([jitter])
+        out = {}
+        for (key, _, _), view in zip(self.views, views):
+            x = view.unsqueeze(0).float().div_(255)
+            if flip:
+                x = x.flip(-1)
+            if self.color_jitter > 0:
+                x = apply_jitter(x, factors)
+            out[key] = normalise(x, *self.stats[key])[0]
+        return out
+
+
+class DecodeOnlyTransform(_CropViews):
+    """Device mode, worker half: PIL image -> uint8 views plus the augmentation factors to apply.
+
+    Returns {"image": [3, S, S] uint8, ["image_tok": [3, T, T] uint8], "flip": bool [], "jitter": [3]}.
+    """
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        views, flip, jitter = self._decode_views(img)
+        out = {key: view for (key, _, _), view in zip(self.views, views)}
+        out["flip"] = torch.tensor(flip)
+        out["jitter"] = torch.tensor(jitter, dtype=torch.float32)
+        return out
+
+
+class DeviceTransform(nn.Module):
+    """Device mode, device half: uint8 views + factors -> float normalised views, batched.
+
+    `batch` is the stream's dict; "image" / "image_tok" are replaced, "flip" and "jitter" consumed,
+    every other entry passes through. Deterministic: all randomness was drawn in the worker, so a
+    resumed run augments exactly as the original did. Move it with `.to(device)`.
+    """
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, tok_mean=DALLE_MEAN, tok_std=DALLE_STD,
+                 color_jitter: float = 0.4, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
+        self.register_buffer("tok_mean", torch.tensor(tok_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("tok_std", torch.tensor(tok_std, dtype=torch.float32), persistent=False)
+        self.color_jitter = color_jitter
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def forward(self, batch: dict) -> dict:
+        out = {k: v for k, v in batch.items() if k not in ("flip", "jitter")}
+        if "flip" not in batch:  # worker-mode batch: nothing to do
+            return out
+        flip = batch["flip"].to(self.mean.device).view(-1, 1, 1, 1)
+        for key, mean, std in (("image", self.mean, self.std), ("image_tok", self.tok_mean, self.tok_std)):
+            if key not in batch:
+                continue
+            x = batch[key].to(self.mean.device, non_blocking=True).float().div_(255)
+            x = torch.where(flip, x.flip(-1), x)
+            if self.color_jitter > 0:
+                x = apply_jitter(x, batch["jitter"].to(x.device))
+            out[key] = normalise(x, mean, std).to(self.dtype)
+        return out
+
+
+def build_transform(mode: str = "worker", **options) -> Callable[[Image.Image], dict[str, torch.Tensor]]:
+    """`ViewTransform` for mode "worker", `DecodeOnlyTransform` for "device" (mean/std options dropped:
+    they belong to the `DeviceTransform`)."""
+    if mode == "worker":
+        return ViewTransform(**options)
+    if mode == "device":
+        for key in ("mean", "std", "tok_mean", "tok_std"):
+            options.pop(key, None)
+        return DecodeOnlyTransform(**options)
+    raise ValueError(f"unknown data mode '{mode}' (expected 'worker' or 'device')")

@@ -1,0 +1,193 @@
+"""The shard stream: resume, per-rank / per-worker streams, bad samples, equal batch counts."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimkit.data.stream import DataConfig, build_stream, expand_shards
+
+
+def jpeg(seed: int, size=(40, 32), mode="RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr).convert(mode)
+    out = io.BytesIO()
+    img.save(out, format="JPEG")
+    return out.getvalue()
+
+
+def png16(size=(40, 32)) -> bytes:
+    ramp = np.linspace(0, 65535, size[0] * size[1]).reshape(size[1], size[0]).astype(np.uint16)
+    out = io.BytesIO()
+    img = Image.fromarray(ramp)
+    assert img.mode.startswith("I;16")
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def make_shards(folder, counts: list[int], prefix="s") -> str:
+    """Shards of good samples with unique keys `PREFIX<shard>_<i>`; returns the brace pattern."""
+    n = 0
+    for s, count in enumerate(counts):
+        samples = []
+        for i in range(count):
+            samples.append((f"{prefix}{s}_{i}", {"jpg": jpeg(n), "cls": str(n % 5).encode()}))
+            n += 1
+        write_tar(folder / f"{prefix}-{s:03d}.tar", samples)
+    return str(folder / f"{prefix}-{{000..{len(counts) - 1:03d}}}.tar")
+
+
+def small_config(shards: str, **kw) -> DataConfig:
+    base = dict(shards=shards, batch_size=2, num_workers=0, batches_per_epoch=6, image_size=32, tok_size=16,
+                shuffle_buffer=4, return_keys=True)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def take(loader, n: int) -> list[dict]:
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def block_mask():
+    return np.random.rand(2, 2) < 0.5  # seeded per batch by the stream
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_the_same_remaining_batches(tmp_path, workers):
+    cfg = small_config(make_shards(tmp_path, [7, 5, 9, 6]), num_workers=workers, batches_per_epoch=8)
+    loader = build_stream(cfg, mask_fn=block_mask)
+    take(loader, 3)
+    state = loader.state_dict()
+    assert state["epoch"] == 0 and state["batch"] == 3
+    expected = take(loader, 3)
+
+    resumed = build_stream(cfg, mask_fn=block_mask)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
+    got = take(resumed, 3)
+    for a, b in zip(expected, got):
+        assert a["key"] == b["key"]
+        for k in ("image", "image_tok", "mask", "label"):
+            assert torch.equal(a[k], b[k]), k
+    # a differently seeded stream differs
+    other = build_stream(small_config(cfg.shards, seed=1, num_workers=workers, batches_per_epoch=8))
+    assert [b["key"] for b in take(other, 6)] != [b["key"] for b in take(build_stream(cfg), 6)]
+
+
+def test_resume_across_an_epoch_boundary(tmp_path):
+    cfg = small_config(make_shards(tmp_path, [6, 6]), batches_per_epoch=3)
+    loader = build_stream(cfg)
+    first = [b["key"] for b in loader] + [b["key"] for b in take(loader, 1)]
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["batch"] == 1
+    fresh = build_stream(cfg)
+    assert [b["key"] for b in fresh] == first[:3]
+    assert [b["key"] for b in take(fresh, 1)] == first[3:]  # the next epoch's first batch
+
+
+def test_ranks_and_workers_get_disjoint_equal_streams(tmp_path):
+    # 8 shards of 6, 2 ranks x 2 workers = 4 slots; each slot reads at most 2 shards this epoch
+    cfg = small_config(make_shards(tmp_path, [6] * 8), num_workers=2, batches_per_epoch=4)
+    slots = {}
+    for rank in range(2):
+        batches = list(build_stream(cfg, rank=rank, world_size=2))
+        assert len(batches) == 4
+        for i, batch in enumerate(batches):
+            assert batch["image"].shape == (2, 3, 32, 32)
+            slots.setdefault((rank, i % 2), []).extend(batch["key"])  # worker i % W served batch i
+    assert len(slots) == 4 and all(len(keys) == 4 for keys in slots.values())
+    seen = [k for keys in slots.values() for k in keys]
+    assert len(seen) == len(set(seen)), "a sample was served to two slots"
+
+
+def test_replacement_sampling_gives_distinct_rank_streams(tmp_path):
+    cfg = small_config(make_shards(tmp_path, [5] * 6), resample="replacement")
+    keys = [[k for b in build_stream(cfg, rank=r, world_size=2) for k in b["key"]] for r in range(2)]
+    assert len(keys[0]) == len(keys[1]) == 12 and keys[0] != keys[1]
+
+
+def test_uneven_shards_give_equal_batch_counts(tmp_path):
+    cfg = small_config(make_shards(tmp_path, [1, 3, 20]), num_workers=2, batches_per_epoch=5, batch_size=3)
+    for rank in range(3):
+        loader = build_stream(cfg, rank=rank, world_size=3)
+        for _ in range(2):  # two epochs
+            batches = list(loader)
+            assert len(batches) == 5 and all(b["label"].shape == (3,) for b in batches)
+        assert loader.state_dict()["epoch"] == 2
+
+
+def test_bad_samples_are_skipped_counted_and_good_ones_delivered(tmp_path):
+    good = {
+        "rgb": {"jpg": jpeg(1), "cls": b"1"},
+        "cmyk": {"jpg": jpeg(2, mode="CMYK"), "cls": b"2"},
+        "grey": {"jpg": jpeg(3, mode="L"), "cls": b"3"},
+        "deep": {"png": png16(), "cls": b"4"},
+        "pngasjpg": {"jpg": png16(), "cls": b"0"},  # a PNG behind a .jpg name: decoded by content
+    }
+    bad = {
+        "empty": {"jpg": b"", "cls": b"1"},
+        "text": {"jpg": b"this is not a jpeg at all", "cls": b"1"},
+        "nolabel": {"jpg": jpeg(4)},  # require_label=True
+        "nojpg": {"cls": b"1"},
+        "cut": {"jpg": jpeg(5)[:300], "cls": b"1"},  # truncated JPEG data
+    }
+    samples = list(good.items()) + list(bad.items())
+    write_tar(tmp_path / "mixed.tar", samples)
+    # a truncated tar: the first two samples are whole, the third is cut inside its .jpg
+    write_tar(tmp_path / "whole.tar", [(f"t{i}", {"cls": b"1", "jpg": jpeg(10 + i)}) for i in range(3)])
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        cut = tar.getmember("t2.jpg").offset_data + 100
+    (tmp_path / "truncated.tar").write_bytes((tmp_path / "whole.tar").read_bytes()[:cut])
+    (tmp_path / "whole.tar").unlink()
+
+    cfg = small_config(f"{tmp_path}/mixed.tar::{tmp_path}/truncated.tar", weights=[1.0, 1.0],
+                       require_label=True, batches_per_epoch=10, batch_size=3, shuffle_buffer=2)
+    loader = build_stream(cfg)
+    keys, counted = set(), 0
+    for batch in loader:
+        assert batch["image"].shape == (3, 3, 32, 32) and torch.isfinite(batch["image"]).all()
+        keys.update(k.split("/")[1] for k in batch["key"])
+        counted += int(batch["skipped"])
+    assert set(good) | {"t0", "t1"} <= keys
+    assert not keys & (set(bad) | {"t2"})
+    assert counted == loader.skipped >= len(bad)
+
+
+def test_device_mode_batches_are_uint8_until_the_device_transform(tmp_path):
+    cfg = small_config(make_shards(tmp_path, [8]), mode="device", batches_per_epoch=2)
+    loader = build_stream(cfg, mask_fn=block_mask)
+    batch = next(iter(loader))
+    assert batch["image"].dtype == torch.uint8 and batch["image_tok"].shape == (2, 3, 16, 16)
+    out = loader.device_transform(batch)
+    assert out["image"].dtype == torch.float32 and "flip" not in out and "jitter" not in out
+    assert out["mask"].shape == (2, 4) and out["mask"].dtype == torch.bool
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        expand_shards(str(tmp_path / "missing-{0..1}.tar"))
+    shards = make_shards(tmp_path, [2])
+    with pytest.raises(ValueError, match="weights"):
+        build_stream(small_config(shards, weights=[1.0, 2.0]))
+    with pytest.raises(ValueError, match="mode"):
+        build_stream(small_config(shards, mode="gpu"))
+    loader = build_stream(small_config(shards))
+    with pytest.raises(ValueError, match="seed"):
+        loader.load_state_dict({"epoch": 0, "batch": 1, "seed": 5})
