@@ -1,0 +1,160 @@
+"""MILAN / MAE / EVA objectives: masks follow the teacher's attention, the teacher sees CLIP's
+normalisation, losses are what the papers say, masks are reproducible on resume, the loss falls."""
+
+import numpy as np
+import pytest
+import torch
+
+from mimkit.models.clip_teacher import tiny_open_clip_cfg
+from mimkit.models.vit import VisionTransformer, preset
+from mimkit.pretrain.eva import EvaConfig
+from mimkit.pretrain.mae import MaeConfig
+from mimkit.pretrain.milan import (MaskedRegressionModel, MilanConfig, TeacherConfig, build_parts,
+                                   cosine_distance, patchify, save_masking_picture)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SMALL_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=4, decoder_mlp_ratio=2.0)
+
+
+def _tiny(cfg_cls, mask_token=False, **overrides):
+    torch.manual_seed(0)
+    cfg = cfg_cls(teacher=TeacherConfig(model_cfg=tiny_open_clip_cfg()), **{**SMALL_DECODER, **overrides})
+    encoder = VisionTransformer(preset("vit_tiny_cpu", pos_embed="sincos", mask_token=mask_token))
+    return build_parts(cfg, encoder, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _normalised(raw):
+    return (raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def _spearman(a, b):
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _visible_frequency(targets, image, draws=600):
+    batch = {"image": image.expand(draws, -1, -1, -1).contiguous()}
+    out = targets(batch)
+    assert out["ids_keep"].shape == (draws, 4) and torch.all(out["ids_keep"].diff(dim=1) > 0)
+    assert torch.all((~out["mask"]).sum(1) == 4)
+    return (~out["mask"]).float().mean(0).numpy(), out
+
+
+def test_guided_masks_follow_the_teachers_attention():
+    """Over many draws, high-attention patches are kept visible more often; uniform masking is the control."""
+    _, targets = _tiny(MilanConfig)
+    last = targets.teacher.visual.transformer.resblocks[-1]
+    with torch.no_grad():  # sharpen the random teacher's attention so it is far from uniform
+        last.attn.in_proj_weight[:64] *= 6
+    image = _normalised(torch.rand(1, 3, 32, 32))
+    freq, out = _visible_frequency(targets, image)
+    attention = out["cls_attention"][0].numpy()
+    assert attention.max() > 3 * attention.min()
+    rho = _spearman(freq, attention)
+    assert rho > 0.8, f"visible frequency does not follow attention: spearman {rho:.2f}"
+    # it is sampling, not top-k: low-attention patches are still drawn sometimes
+    assert freq.min() > 0
+
+    _, uniform = _tiny(MilanConfig, mask_source="random")
+    uniform.teacher = targets.teacher
+    freq_uniform, _ = _visible_frequency(uniform, image)
+    assert abs(_spearman(freq_uniform, attention)) < 0.6
+    assert np.allclose(freq_uniform, 0.25, atol=0.08)
+
+
+def test_teacher_receives_clip_normalisation_from_the_students_view():
+    _, targets = _tiny(MilanConfig)
+    seen = {}
+    handle = targets.teacher.visual.conv1.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    raw = torch.rand(2, 3, 32, 32)
+    targets({"image": _normalised(raw)})
+    handle.remove()
+    clip_mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    clip_std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen["x"], (raw - clip_mean) / clip_std, atol=1e-5, rtol=1e-5)
+
+
+def test_targets_are_teacher_tokens_with_cls():
+    _, targets = _tiny(MilanConfig)
+    image = _normalised(torch.rand(2, 3, 32, 32))
+    out = targets({"image": image})
+    expected = targets.teacher(image, source_mean=IMAGENET_MEAN, source_std=IMAGENET_STD).tokens
+    assert out["target"].shape == (2, 17, 48)
+    torch.testing.assert_close(out["target"], expected)
+
+
+def test_masks_are_reproducible_after_restoring_state_and_differ_by_rank():
+    _, a = _tiny(MilanConfig, mask_source="random", target="pixels", decoder="mae", loss="mse")
+    _, b = _tiny(MilanConfig, mask_source="random", target="pixels", decoder="mae", loss="mse")
+    batch = {"image": torch.randn(4, 3, 32, 32)}
+    first = a(batch)["ids_keep"]
+    state = a.state_dict()
+    second = a(batch)["ids_keep"]
+    assert not torch.equal(first, second)
+    b.load_state_dict(state)
+    assert torch.equal(b(batch)["ids_keep"], second)
+    b.load_state_dict(state)
+    b.rank = 1
+    assert not torch.equal(b(batch)["ids_keep"], second)
+
+
+def test_cosine_loss_is_two_minus_two_cos_over_all_or_masked_tokens():
+    x = torch.randn(1, 3, 8)
+    assert torch.allclose(cosine_distance(x, 5 * x), torch.zeros(1, 3), atol=1e-6)
+    assert torch.allclose(cosine_distance(x, -x), torch.full((1, 3), 4.0))
+    model = MaskedRegressionModel(torch.nn.Identity(), torch.nn.Identity(), "cosine", "all")
+    pred = torch.stack([x[0, 0], x[0, 1], x[0, 2]])[None]            # [1, 1+2, 8]: CLS + 2 patches
+    target = torch.stack([x[0, 0], -x[0, 1], x[0, 2]])[None]          # patch 0 wrong, rest right
+    mask = torch.tensor([[True, False]])                                # patch 0 masked
+    loss_all, _, _ = model.forward_loss(pred, target, mask)
+    model.loss_on = "masked"
+    loss_masked, _, _ = model.forward_loss(pred, target, mask)
+    assert torch.isclose(loss_all, torch.tensor(4.0 / 3)) and torch.isclose(loss_masked, torch.tensor(4.0))
+
+
+def test_mae_pixel_targets_are_normalised_patches_in_patch_order():
+    model, targets = _tiny(MaeConfig)
+    assert targets.teacher is None and model.visible_only
+    image = torch.randn(2, 3, 32, 32)
+    patches = patchify(image, 8)                                        # [2, 16, 192]
+    torch.testing.assert_close(patches[1, 5], image[1, :, 8:16, 8:16].permute(1, 2, 0).reshape(-1))
+    out = targets({"image": image})
+    assert out["target"].shape == (2, 16, 192)
+    torch.testing.assert_close(out["target"].mean(-1), torch.zeros(2, 16), atol=1e-5, rtol=0)
+
+
+def test_eva_encodes_every_position_with_block_masks():
+    model, targets = _tiny(EvaConfig, mask_token=True, block_min_patches=2)
+    assert not model.visible_only
+    out = targets({"image": torch.randn(3, 3, 32, 32)})
+    assert torch.all(out["mask"].sum(1) == 6)                          # 40% of 16, rounded
+    with pytest.raises(ValueError, match="mask token"):
+        _tiny(EvaConfig, mask_token=False)
+
+
+@pytest.mark.parametrize("cfg_cls,mask_token", [(MilanConfig, False), (MaeConfig, False), (EvaConfig, True)])
+def test_loss_falls_on_a_fixed_batch(cfg_cls, mask_token):
+    overrides = {"block_min_patches": 2} if cfg_cls is EvaConfig else {}
+    model, targets = _tiny(cfg_cls, mask_token=mask_token, **overrides)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    batch = {"image": _normalised(torch.rand(8, 3, 32, 32))}
+    losses = []
+    for _ in range(15):
+        out = model(batch, targets(batch))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(float(out["loss"].detach()))
+    assert np.mean(losses[-3:]) < losses[0] - 0.05, losses
+
+
+def test_picture_shows_attention_visible_patches_and_error(tmp_path):
+    model, targets = _tiny(MilanConfig)
+    raw = torch.rand(2, 3, 32, 32)
+    batch = {"image": _normalised(raw)}
+    out = targets(batch)
+    error = model.per_patch_error(batch, out)
+    assert error.shape == (2, 16)
+    path = save_masking_picture(tmp_path / "p.png", raw, (4, 4), out["mask"], out["cls_attention"], error)
+    assert path.stat().st_size > 1000
