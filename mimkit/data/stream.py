@@ -141,7 +141,7 @@ def shard_sequence(
     """Endless shard paths for one (rank, worker) slot."""
     choose = random.Random(derive_seed(seed, _SOURCES, rank, worker, epoch))
     taken = [0] * len(sources)
-    passes: dict[tuple[int, int], list[int]] = {}
+    passes: dict[int, tuple[int, list[int]]] = {}  # source -> (pass number, its shard order)
     while True:
         j = choose.choices(range(len(sources)), weights)[0] if len(sources) > 1 else 0
         shards = sources[j]
@@ -151,11 +151,11 @@ def shard_sequence(
         index = slot + taken[j] * num_slots
         taken[j] += 1
         pass_no, pos = divmod(index, len(shards))
-        if (j, pass_no) not in passes:
+        if passes.get(j, (None,))[0] != pass_no:  # all slots shuffle pass p of source j alike
             order = list(range(len(shards)))
             random.Random(derive_seed(seed, _PASS, j, pass_no, epoch)).shuffle(order)
-            passes = {(j, pass_no): order, **{k: v for k, v in passes.items() if k[0] != j}}
-        yield shards[passes[(j, pass_no)][pos]]
+            passes[j] = (pass_no, order)
+        yield shards[passes[j][1][pos]]
 
 
 @dataclass
@@ -355,7 +355,7 @@ class WorkerStream:
         for _ in range(local * B):
             next(self.samples)
         self.loading = True
-        for batch_index in global_indices:
+        for _ in global_indices:
             yield self._batch(local, [next(self.samples) for _ in range(B)])
             local += 1
 
@@ -372,26 +372,23 @@ class WorkerStream:
         return batch
 
     def _rescue(self, local: int, needed: int) -> list[dict]:
-        """Stand-ins for skipped samples: a side stream of shards seeded by the batch index, so the main
-        stream's position stays a function of the batch index."""
-        rng_seed = derive_seed(*self.seed_parts, _RESCUE, local)
-        chooser = random.Random(rng_seed)
+        """Stand-ins for skipped samples from a side stream of shards seeded by the batch index, so the
+        main stream's position stays a function of the batch index alone."""
+        chooser = random.Random(derive_seed(*self.seed_parts, _RESCUE, local))
         flat = [p for source in self.e.sources for p in source]
-        out, tries = [], 0
-        while len(out) < needed:
-            path = flat[chooser.randrange(len(flat))]
-            for raw in read_tar_samples(path, lambda: True, self.skips):
-                sample = self._prepare(raw)
-                tries += 1
+        out: list[dict] = []
+        budget = 100 * needed + 1000  # samples (or empty shards) tried before giving up
+        while len(out) < needed and budget > 0:
+            budget -= 1
+            for raw in read_tar_samples(flat[chooser.randrange(len(flat))], lambda: True, self.skips):
+                sample, budget = self._prepare(raw), budget - 1
                 if sample is not None:
                     out.append(sample)
-                    if len(out) == needed:
-                        break
-                if tries > 100 * needed + 1000:
-                    raise RuntimeError(f"no decodable samples found in {tries} tries; see warnings")
-            tries += 1
-            if tries > 100 * needed + 1000:
-                raise RuntimeError(f"no decodable samples found in {tries} tries; see warnings")
+                if len(out) == needed or budget <= 0:
+                    break
+        if len(out) < needed:
+            raise RuntimeError(f"no decodable samples left after skipping {sum(self.skips.counts.values())}; "
+                               f"reasons: {dict(self.skips.counts)}")
         return out
 
     def _prepare(self, raw: dict) -> dict | None:
