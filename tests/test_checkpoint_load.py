@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from mimkit.checkpoint.load import detect_layout, load_checkpoint_into_vit, load_into_vit, load_state
 from mimkit.checkpoint.timm_layout import to_timm_beit_state_dict
-from mimkit.models.pos_embed import num_relative_distances
+from mimkit.models.pos_embed import num_relative_distances, resize_abs_pos_embed
 from mimkit.models.vit import ViTConfig, VisionTransformer
 
 TINY = dict(patch_size=8, embed_dim=64, depth=2, num_heads=4)
@@ -201,3 +201,18 @@ def test_a_different_architecture_fails_saying_what_differs():
     with pytest.raises(ValueError, match=r"num_heads: checkpoint 4, model 8"):
         load_into_vit(VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=8,
                                                   **BEIT, rel_pos="block")), beit.state_dict(), verbose=False)
+
+
+def test_a_cls_model_loads_into_a_windowed_detection_backbone():
+    torch.manual_seed(0)
+    source = VisionTransformer(ViTConfig(img_size=32, **TINY))
+    target = VisionTransformer(ViTConfig(img_size=48, **TINY, class_token=False, window_size=2, global_blocks=[1],
+                                         rel_pos="block"))
+    report = load_into_vit(target, source.state_dict(), verbose=False)
+    assert target.pos_embed.shape == (1, 36, 64) and report.resized["pos_embed"] == "(1, 17, 64) -> (1, 36, 64)"
+    assert report.dropped["cls_token"] == "target has no class token" and report.unexpected == []
+    assert sorted(report.missing) == ["blocks.0.attn.relative_position_bias_table",
+                                      "blocks.1.attn.relative_position_bias_table"]
+    # The patch positions come from the source's patch rows only (its cls row is not among them).
+    expected = resize_abs_pos_embed(source.pos_embed[:, 1:].detach(), (4, 4), (6, 6), num_prefix=0)
+    torch.testing.assert_close(target.pos_embed.detach(), expected)

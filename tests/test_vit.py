@@ -229,3 +229,19 @@ def test_resizing_tables_keeps_what_it_must():
     torch.testing.assert_close(new[-3:], table[-3:])
     # Offset (0, 0) sits at the centre of both grids and is kept exactly (align_corners).
     torch.testing.assert_close(new[5 * 11 + 5], table[3 * 7 + 3])
+
+
+def test_config_is_an_omegaconf_section_and_sincos_is_a_saved_buffer():
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(ViTConfig)
+    merged = OmegaConf.merge(schema, OmegaConf.create({"global_blocks": [2, 5], "layer_scale_init": 0.1}))
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, ViTConfig) and cfg.global_blocks == [2, 5] and cfg.layer_scale_init == 0.1
+    with pytest.raises(Exception):
+        OmegaConf.merge(schema, OmegaConf.create({"depth": "deep"}))
+    model = VisionTransformer(ViTConfig(**TINY, pos_embed="sincos"))
+    assert "pos_embed" in model.state_dict() and "pos_embed" not in dict(model.named_parameters())
+    torch.testing.assert_close(model.pos_embed[0], sincos_2d(64, 4, 4, cls_token=True))
+    with pytest.raises(ValueError, match="qkv_bias"):
+        VisionTransformer(ViTConfig(**TINY, qkv_bias="kv"))

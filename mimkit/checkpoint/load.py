@@ -217,12 +217,13 @@ def resize_pos_embed(model: VisionTransformer, state: State, report: LoadReport)
         report.dropped["pos_embed"] = "target has no absolute position embedding"
         state.pop("pos_embed")
         return
-    src, tgt = state["pos_embed"], model.pos_embed
-    if src.shape == tgt.shape:
-        return
-    if not tgt.requires_grad:
+    if model.cfg.pos_embed == "sincos":
+        # Computed for the target grid; a saved copy may have been rounded by bf16 training.
         report.dropped["pos_embed"] = f"target keeps its fixed sin-cos table for grid {model.grid_size}"
         state.pop("pos_embed")
+        return
+    src, tgt = state["pos_embed"], model.pos_embed
+    if src.shape == tgt.shape:
         return
     n = src.shape[1]
     src_prefix = 0 if _square_grid(n) else 1
@@ -249,6 +250,8 @@ def drop_unusable(model: VisionTransformer, state: State, report: LoadReport) ->
             reason = "pretraining-only"
         elif key == "mask_token" and (report.layout in ("mae", "milan") or key not in target):
             reason = "mask token of the pretraining model"
+        elif key == "cls_token" and key not in target:
+            reason = "target has no class token"
         elif key.startswith("norm.") and isinstance(model.norm, torch.nn.Identity):
             reason = "target pools then normalises (fc_norm): no final norm"
         elif key.startswith("head.") and (key not in target or target[key].shape != state[key].shape):

@@ -240,9 +240,9 @@ class VisionTransformer(nn.Module):
         if cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, pos_len, D))
         elif cfg.pos_embed == "sincos":
-            # A frozen parameter (as MAE), not a buffer, so it is in the state dict timm expects.
-            table = sincos_2d(D, *self.grid_size, cls_token=cfg.class_token)[None]
-            self.pos_embed = nn.Parameter(table, requires_grad=False)
+            # A saved buffer: in the state dict under timm's name, but not a parameter, so ZeRO never
+            # partitions it nor drops it from a consolidated checkpoint (frozen params go missing there).
+            self.register_buffer("pos_embed", sincos_2d(D, *self.grid_size, cls_token=cfg.class_token)[None])
         else:
             self.pos_embed = None
         self.rel_pos_bias = SharedRelPosBias(self.grid_size, cfg.num_heads) if cfg.rel_pos == "shared" else None
@@ -276,7 +276,7 @@ class VisionTransformer(nn.Module):
         for p in (self.cls_token, self.mask_token):
             if p is not None:
                 trunc_normal_(p, std=0.02)
-        if self.pos_embed is not None and self.pos_embed.requires_grad:
+        if isinstance(self.pos_embed, nn.Parameter):
             trunc_normal_(self.pos_embed, std=0.02)
         if self.cfg.rescale_init:
             # BEiT: keep the residual stream's variance from growing with depth.
@@ -286,9 +286,8 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> Set[str]:
         """Names of tokens and position tables (biases, norms, gammas are the optimizer's rule)."""
-        names = {n for n, _ in self.named_parameters()
-                 if n in ("cls_token", "mask_token", "pos_embed") or n.endswith("relative_position_bias_table")}
-        return names
+        return {n for n, _ in self.named_parameters()
+                if n in ("cls_token", "mask_token", "pos_embed") or n.endswith("relative_position_bias_table")}
 
     def layer_id(self, param_name: str) -> int:
         """Layer index for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest depth + 1."""
