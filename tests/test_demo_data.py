@@ -50,6 +50,7 @@ def test_imagefolder_is_readable_and_balanced(demo):
 
 def test_shards_are_complete_webdataset_tars(demo):
     sizes = json.loads(demo.train_sizes.read_text())
+    assert json.loads((demo.shards_dir / "classes.json").read_text()) == demo.class_names
     assert list(sizes) == [p.name for p in demo.train_shards]
     assert all(p.exists() for p in demo.train_shards)
     samples = _read_shards(demo.train_shards)
@@ -58,7 +59,7 @@ def test_shards_are_complete_webdataset_tars(demo):
     for key, sample in samples.items():
         assert set(sample) == {"jpg", "cls", "json"}, key
         label = int(sample["cls"].decode())
-        assert json.loads(sample["json"])["label"] == label
+        assert json.loads(sample["json"])["class"] == demo.class_names[label]
         assert Image.open(io.BytesIO(sample["jpg"])).size == (64, 64)
         labels.append(label)
     assert set(Counter(labels).values()) == {48}
@@ -106,7 +107,8 @@ def test_coco_masks_equal_segmentation_png(demo, split):
 
 def test_ade_labels_use_zero_for_other_and_carry_the_image_class(demo):
     images, labels = _ade_pairs(demo, "train")
-    shard_samples = _read_shards(demo.train_shards)
+    # shard samples carry our sample key ("train000123": the 124th image) as their path
+    shard_samples = {json.loads(s["json"])["path"]: s for s in _read_shards(demo.train_shards).values()}
     assert len(labels) == demo.num_train
     for i, (image_path, label_path) in enumerate(zip(images, labels)):
         label_image = Image.open(label_path)

@@ -9,7 +9,7 @@ draws that object first, so classes are balanced by construction.
 One set of generated images is written in the real on-disk formats the stages read:
 
     ROOT/imagefolder/{train,val}/<class>/*.jpg            torchvision ImageFolder
-    ROOT/shards/train-000000.tar ... + sizes.json          WebDataset tar: .jpg, .cls, .json
+    ROOT/shards/train-000000.tar ... + sizes.json          WebDataset tar: .jpg, .cls, .json (mimkit.data.shards)
     ROOT/shards/val/val-000000.tar ... + sizes.json
     ROOT/ADEChallengeData2016/images/{training,validation}/*.jpg
     ROOT/ADEChallengeData2016/annotations/{training,validation}/*.png   0 = other (ignored), k = class k
@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shutil
-import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,8 +40,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from mimkit.data.shards import write_shards
+
 # Bump when the output of the generator changes, so stale caches are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 STAMP_NAME = "demo.json"
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -291,26 +292,16 @@ def _png_bytes(label: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata so two builds give identical bytes.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _write_shards(directory: Path, names: list[str], samples: list[dict], per_shard: int) -> None:
-    """WebDataset tar shards (`KEY.jpg`, `KEY.cls`, `KEY.json`) and `sizes.json` (shard name -> count)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    sizes = {}
-    for i, name in enumerate(names):
-        chunk = samples[i * per_shard : (i + 1) * per_shard]
-        with tarfile.open(directory / name, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for s in chunk:
-                _tar_add(tar, f"{s['key']}.jpg", s["jpeg"])
-                _tar_add(tar, f"{s['key']}.cls", str(s["label"]).encode())
-                _tar_add(tar, f"{s['key']}.json", json.dumps(s["meta"], sort_keys=True).encode())
-        sizes[name] = len(chunk)
-    (directory / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n")
+def _write_shards(directory: Path, prefix: str, samples: list[dict], paths: DemoPaths) -> None:
+    """WebDataset tar shards through the project's shard writer: `.jpg` (our bytes, passed through),
+    `.cls`, `.json` ({"path": sample key, "class": name}), plus `sizes.json` and `classes.json`."""
+    items = [(s["jpeg"], s["label"], s["key"]) for s in samples]
+    result = write_shards(
+        items, directory, maxcount=paths.params["images_per_shard"], prefix=prefix,
+        classes=paths.class_names, progress=False,
+    )  # fmt: skip
+    if result["skipped"] or result["written"] != len(samples):
+        raise RuntimeError(f"shard writer skipped demo samples: {result['skipped'][:3]}")
 
 
 def _coco_annotations(samples: list[dict], paths: DemoPaths, first_ann_id: int) -> dict:
@@ -358,15 +349,6 @@ def _generate_split(rng, split: str, per_class: int, paths: DemoPaths, first_ima
         s["key"] = f"{split}{i:06d}"
         s["coco_name"] = f"{s['image_id']:012d}.jpg"
         s["jpeg"] = _jpeg_bytes(s["image"])
-        s["meta"] = {
-            "label": int(label),
-            "class_name": paths.class_names[label],
-            "source": s["source"],
-            "objects": [
-                {"class": o["class"], "bbox": [float(v) for v in mask_utils.toBbox(mask_utils.encode(np.asfortranarray(o["mask"].astype(np.uint8))))]}
-                for o in s["objects"]
-            ],
-        }  # fmt: skip
         samples.append(s)
     return samples
 
@@ -390,12 +372,7 @@ def _write_split(samples: list[dict], split: str, paths: DemoPaths, root: Path) 
         stem = f"{ade_prefix}_{s['index'] + 1:08d}"
         (rel(paths.ade_root) / "images" / ade_split / f"{stem}.jpg").write_bytes(s["jpeg"])
         (rel(paths.ade_root) / "annotations" / ade_split / f"{stem}.png").write_bytes(_png_bytes(s["seg"]))
-    if split == "train":
-        names = [p.name for p in paths.train_shards]
-        _write_shards(rel(paths.shards_dir), names, samples, paths.params["images_per_shard"])
-    else:
-        names = [p.name for p in paths.val_shards]
-        _write_shards(rel(paths.val_shards_dir), names, samples, paths.params["images_per_shard"])
+    _write_shards(rel(paths.shards_dir if split == "train" else paths.val_shards_dir), split, samples, paths)
     json_path = rel(paths.coco_train_json if split == "train" else paths.coco_val_json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     first_ann_id = 1 if split == "train" else 1_000_000
