@@ -216,3 +216,28 @@ def test_a_cls_model_loads_into_a_windowed_detection_backbone():
     # The patch positions come from the source's patch rows only (its cls row is not among them).
     expected = resize_abs_pos_embed(source.pos_embed[:, 1:].detach(), (4, 4), (6, 6), num_prefix=0)
     torch.testing.assert_close(target.pos_embed.detach(), expected)
+
+
+def test_load_vit_export_builds_the_recorded_architecture(tmp_path):
+    import dataclasses
+    import json
+
+    from mimkit.checkpoint.load import load_vit_export
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=32, **TINY, **BEIT, rel_pos="shared", mask_token=True)
+    source = _randomize(VisionTransformer(cfg))
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    meta = {"architecture": dataclasses.asdict(cfg), "pixel_norm": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+    (tmp_path / "mimkit.json").write_text(json.dumps(meta))
+
+    model, info = load_vit_export(tmp_path)
+    assert info["mean"] == [0.5] * 3 and info["std"] == [0.25] * 3 and info["report"].missing == []
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(_features(model, x), _features(source, x))
+    # Fine-tuning overrides: larger images, per-block tables, a head.
+    model, info = load_vit_export(tmp_path, img_size=48, rel_pos="block", mask_token=False, num_classes=4)
+    assert model.blocks[1].attn.relative_position_bias_table.shape == (num_relative_distances((6, 6)), 4)
+    assert sorted(info["report"].missing) == ["head.bias", "head.weight"]
+    with pytest.raises(ValueError, match="img_sz"):
+        load_vit_export(tmp_path, img_sz=48)
