@@ -1,0 +1,199 @@
+"""The cluster path on a real single-node Slurm started by these tests (scripts/slurm_cluster.sh).
+
+The session fixture starts munged, slurmctld and slurmd, and stops them at the end by the PIDs the
+start recorded. Requeue is fast here because the test cluster sets AuthInfo=cred_expire=10 and a
+2 s scheduler interval (see the script's header).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "scripts" / "slurm_cluster.sh"
+STATE_DIR = Path(os.environ.get("MIMKIT_SLURM_DIR", "/var/tmp/mimkit-slurm"))
+PRETRAIN_PRESET = ROOT / "configs" / "pretrain" / "beit_tiny_cpu.yaml"
+
+pytestmark = pytest.mark.slurm
+
+
+def run(cmd, timeout=60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def recorded_pids() -> dict[str, int]:
+    path = STATE_DIR / "pids"
+    if not path.exists():
+        return {}
+    return {name: int(pid) for name, pid in (line.split() for line in path.read_text().splitlines() if line.strip())}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running single-node Slurm; stopped at the end if this session started it."""
+    if shutil.which("slurmctld") is None:
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            pytest.fail("Slurm is not installed: run `bash scripts/setup.sh` (installs slurmctld slurmd slurm-client munge)")
+        pytest.skip("needs root and the Debian Slurm packages (scripts/setup.sh)")
+    was_running = run(["bash", str(CLUSTER), "status"]).returncode == 0
+    started = run(["bash", str(CLUSTER), "start"], timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    pids = recorded_pids()
+    yield pids
+    if was_running:
+        return  # someone else's cluster: leave it running
+    stopped = run(["bash", str(CLUSTER), "stop"], timeout=120)
+    for name, pid in pids.items():  # by the PIDs this session started, and nothing else
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert not any(pid_alive(pid) for pid in pids.values())
+
+
+def job_env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, DS_ACCELERATOR="cpu",
+               TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+# a 2-rank CPU job on a node that may have only 2 cores, no GPU
+SMALL_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
+
+
+def sbatch(script: Path, args: list[str], out_dir: Path, env: dict, cwd: Path, sbatch_opts=()) -> str:
+    out = run(["sbatch", "--parsable", *SMALL_JOB, f"--output={out_dir}/slurm-%j.out", *sbatch_opts,
+               str(script), *args], env=env, cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    out = run(["scontrol", "show", "job", "-o", job_id])
+    if out.returncode != 0:
+        return {}
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def wait_for_job(job_id: str, timeout: float, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                                                     "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")) -> dict:
+    deadline = time.time() + timeout
+    info: dict = {}
+    while time.time() < deadline:
+        info = job_info(job_id)
+        if info.get("JobState") in until:
+            return info
+        time.sleep(0.5)
+    run(["scancel", job_id])
+    pytest.fail(f"job {job_id} not {until} after {timeout}s: {info}")
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def show_logs(run_dir: Path) -> str:
+    return "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(run_dir.glob("logs/*")))
+
+
+# -- the sbatch mechanics with a stand-in stage: 2 ranks over gloo, a json "checkpoint" ----------------
+
+STAND_IN_STAGE = textwrap.dedent("""
+    import json, os, sys, time
+    import torch.distributed as dist
+    from mimkit.distributed.env import init_rank_env
+    from mimkit.distributed.preempt import PreemptionFlag, REQUEUE_EXIT_CODE
+
+    args = dict(a.split("=", 1) for a in sys.argv[3:])     # argv: --config FILE key=value ...
+    run_dir = os.path.join(args["run.root"], args["run.name"])
+    total, step_s = int(args.get("steps", 40)), float(args.get("step_s", 0.1))
+    assert init_rank_env() in ("slurm", "launcher")
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    flag = PreemptionFlag().install()
+    ckpt = os.path.join(run_dir, "ckpt.json")
+    step = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    print(f"rank {rank} env {env} resumes after step {step}", flush=True)
+    log = open(os.path.join(run_dir, f"steps{rank}.jsonl"), "a")
+    while step < total:
+        time.sleep(step_s)
+        step += 1
+        log.write(json.dumps({"step": step, "restart": restart}) + "\\n"); log.flush()
+        if flag.should_stop():
+            if rank == 0:
+                json.dump({"step": step}, open(ckpt + ".tmp", "w")); os.replace(ckpt + ".tmp", ckpt)
+            dist.barrier()
+            sys.exit(REQUEUE_EXIT_CODE)
+    dist.barrier()
+    if rank == 0:
+        os.makedirs(os.path.join(run_dir, "export"), exist_ok=True)
+        json.dump({"step": step, "world_size": dist.get_world_size()}, open(os.path.join(run_dir, "export", "done.json"), "w"))
+""")
+
+
+@pytest.fixture
+def stand_in_root(tmp_path) -> Path:
+    """A repository root whose `pretrain` stage is the stand-in, with the real slurm/ scripts."""
+    root = tmp_path / "repo"
+    (root / "pretrain").mkdir(parents=True)
+    (root / "pretrain" / "__main__.py").write_text(STAND_IN_STAGE)
+    (root / "slurm").symlink_to(ROOT / "slurm")
+    (root / "tiny.yaml").write_text("{}\n")
+    return root
+
+
+def steps_of(run_dir: Path, rank: int) -> list[dict]:
+    path = run_dir / f"steps{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.timeout(240)
+def test_stand_in_job_is_preempted_requeued_and_loses_no_step(slurm_cluster, stand_in_root, tmp_path):
+    runs = tmp_path / "runs"
+    env = job_env(MIMKIT_ROOT=str(stand_in_root), RUN_ROOT=str(runs))
+    job = sbatch(ROOT / "slurm" / "pretrain.sh", ["tiny.yaml", "steps=40", "step_s=0.1"], tmp_path, env,
+                 cwd=stand_in_root)
+    run_dir = runs / f"pretrain-{job}"
+    wait_for(lambda: len(steps_of(run_dir, 1)) >= 5, 90, "5 steps on rank 1")
+    # what `#SBATCH --signal=USR1@120` does: the signal to every task of the job's steps
+    assert run(["scancel", "--signal=USR1", job]).returncode == 0
+    info = wait_for_job(job, 150)
+    logs = show_logs(run_dir)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs
+    assert info["Restarts"] == "1", logs
+    for rank in (0, 1):
+        steps = steps_of(run_dir, rank)
+        assert [s["step"] for s in steps] == list(range(1, 41)), f"rank {rank} lost or redid steps\n{logs}"
+        assert {s["restart"] for s in steps} == {"0", "1"}
+    assert json.loads((run_dir / "export" / "done.json").read_text()) == {"step": 40, "world_size": 2}
+    assert "scontrol requeue" in (run_dir / "logs" / f"{job}.out").read_text()
+    assert f"'MASTER_PORT': '{20000 + int(job) % 10000}'" in (run_dir / "logs" / f"{job}-rank1.out").read_text()
