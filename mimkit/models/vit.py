@@ -226,7 +226,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg = replace(cfg)  # own copy: reset_classifier edits it
         D = self.embed_dim = self.num_features = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
         self.grid_size: Tuple[int, int] = tuple(self.patch_embed.grid_size)
