@@ -244,6 +244,21 @@ class MaskedRegressionTargets:
         out["mask"] = mask.to(images.device)                                   # [B, N] True = masked
         return out
 
+    @property
+    def picture_every(self) -> int:
+        return self.cfg.picture_every
+
+    @torch.no_grad()
+    def picture(self, model: "MaskedRegressionModel", batch: dict, targets: dict, path) -> Path:
+        """Save the picture for this batch: images, teacher attention, visible patches, error per patch.
+        `model` is the unwrapped trainable model (the engine's module); call on one rank only."""
+        images = batch["image"]
+        mean = torch.tensor(self.pixel_mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.pixel_std, device=images.device).view(1, 3, 1, 1)
+        error = model.per_patch_error(batch, targets)
+        return save_masking_picture(path, images.float() * std + mean, self.grid, targets["mask"],
+                                    targets.get("cls_attention"), error)
+
 
 # ---- steps 2-4: the trainable model (inside the engine) -----------------------------------------
 

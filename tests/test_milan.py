@@ -158,3 +158,5 @@ def test_picture_shows_attention_visible_patches_and_error(tmp_path):
     assert error.shape == (2, 16)
     path = save_masking_picture(tmp_path / "p.png", raw, (4, 4), out["mask"], out["cls_attention"], error)
     assert path.stat().st_size > 1000
+    via_targets = targets.picture(model, batch, out, tmp_path / "pictures" / "step_1.png")
+    assert via_targets.stat().st_size > 1000
