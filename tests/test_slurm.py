@@ -138,6 +138,7 @@ STAND_IN_STAGE = textwrap.dedent("""
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     flag = PreemptionFlag().install()
+    os.makedirs(run_dir, exist_ok=True)
     ckpt = os.path.join(run_dir, "ckpt.json")
     step = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -171,6 +172,15 @@ def stand_in_root(tmp_path) -> Path:
     return root
 
 
+def wait_for_steps(job_id: str, run_dir: Path, count: int, timeout: float = 90) -> None:
+    """Until rank 1 logged ``count`` steps; fails at once if the job ended before."""
+    def ready():
+        if job_info(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
+            pytest.fail(f"job {job_id} ended before step {count}: {job_info(job_id)}\n{show_logs(run_dir)}")
+        return len(steps_of(run_dir, 1)) >= count
+    wait_for(ready, timeout, f"{count} steps on rank 1")
+
+
 def steps_of(run_dir: Path, rank: int) -> list[dict]:
     path = run_dir / f"steps{rank}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -183,7 +193,7 @@ def test_stand_in_job_is_preempted_requeued_and_loses_no_step(slurm_cluster, sta
     job = sbatch(ROOT / "slurm" / "pretrain.sh", ["tiny.yaml", "steps=40", "step_s=0.1"], tmp_path, env,
                  cwd=stand_in_root)
     run_dir = runs / f"pretrain-{job}"
-    wait_for(lambda: len(steps_of(run_dir, 1)) >= 5, 90, "5 steps on rank 1")
+    wait_for_steps(job, run_dir, 5)
     # what `#SBATCH --signal=USR1@120` does: the signal to every task of the job's steps
     assert run(["scancel", "--signal=USR1", job]).returncode == 0
     info = wait_for_job(job, 150)
@@ -197,3 +207,34 @@ def test_stand_in_job_is_preempted_requeued_and_loses_no_step(slurm_cluster, sta
     assert json.loads((run_dir / "export" / "done.json").read_text()) == {"step": 40, "world_size": 2}
     assert "scontrol requeue" in (run_dir / "logs" / f"{job}.out").read_text()
     assert f"'MASTER_PORT': '{20000 + int(job) % 10000}'" in (run_dir / "logs" / f"{job}-rank1.out").read_text()
+
+
+# -- submitit: the same preemption path through StageJob ----------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_submitit_job_is_preempted_requeued_and_loses_no_step(slurm_cluster, stand_in_root, tmp_path, monkeypatch):
+    import submitit
+
+    from mimkit.distributed.submit import StageJob
+
+    for key, value in job_env().items():
+        monkeypatch.setenv(key, value)
+    runs = tmp_path / "runs"
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit" / "%j", cluster="slurm")
+    executor.update_parameters(nodes=1, tasks_per_node=2, gpus_per_node=0, cpus_per_task=1, timeout_min=15,
+                               name="stand-in", stderr_to_stdout=True, slurm_signal_delay_s=60,
+                               slurm_additional_parameters={"requeue": True})
+    stage = StageJob("pretrain", "tiny.yaml", [f"run.root={runs}", "steps=40", "step_s=0.1"], str(stand_in_root),
+                     stage_dir=str(stand_in_root / "pretrain"))
+    job = executor.submit(stage)
+    run_dir = runs / f"pretrain-{job.job_id}"
+    wait_for_steps(job.job_id, run_dir, 5)
+    # what Slurm does `signal_delay_s` before the time limit: submitit's USR2 to every task
+    assert run(["scancel", "--signal=USR2", job.job_id]).returncode == 0
+    info = wait_for_job(job.job_id, 150)
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted((tmp_path / "submitit").rglob("*.out")))
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", logs
+    assert job.results() == [str(run_dir)] * 2
+    for rank in (0, 1):
+        assert [s["step"] for s in steps_of(run_dir, rank)] == list(range(1, 41)), logs
