@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mimkit.pretrain.milan import MaskedRegressionConfig
+from mimkit.pretrain.milan import MaskedRegressionConfig, build_encoder, build_parts
 
 
 @dataclass
@@ -21,3 +21,8 @@ class EvaConfig(MaskedRegressionConfig):
     decoder: str = "linear"
     loss: str = "neg_cosine"
     loss_on: str = "masked"
+
+
+def build(cfg):
+    """The objective table's entry for `eva`: (model, targets) from a PretrainConfig."""
+    return build_parts(cfg.eva, build_encoder(cfg), cfg.data.mean, cfg.data.std)

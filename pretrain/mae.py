@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mimkit.pretrain.milan import MaskedRegressionConfig
+from mimkit.pretrain.milan import MaskedRegressionConfig, build_encoder, build_parts
 
 
 @dataclass
@@ -23,3 +23,8 @@ class MaeConfig(MaskedRegressionConfig):
     decoder_heads: int = 16
     loss: str = "mse"
     loss_on: str = "masked"
+
+
+def build(cfg):
+    """The objective table's entry for `mae`: (model, targets) from a PretrainConfig."""
+    return build_parts(cfg.mae, build_encoder(cfg), cfg.data.mean, cfg.data.std)

@@ -21,6 +21,7 @@ as in mmpretrain's split into mask source, target generator, neck and head.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,3 +385,15 @@ def build_parts(cfg: MaskedRegressionConfig, encoder: nn.Module, pixel_mean, pix
     model = MaskedRegressionModel(encoder, decoder, cfg.loss, cfg.loss_on)
     targets = MaskedRegressionTargets(cfg, grid, patch_size, pixel_mean, pixel_std, teacher)
     return model, targets
+
+
+def build_encoder(cfg) -> nn.Module:
+    """The student ViT from the run config's `model` section."""
+    from mimkit.models.vit import VisionTransformer
+
+    return VisionTransformer(copy.deepcopy(cfg.model))
+
+
+def build(cfg):
+    """The objective table's entry for `milan`: (model, targets) from a PretrainConfig."""
+    return build_parts(cfg.milan, build_encoder(cfg), cfg.data.mean, cfg.data.std)
