@@ -101,7 +101,16 @@ def test_device_transform_reproduces_the_worker_transform():
     out = DeviceTransform(color_jitter=0.4)(batch)
     assert set(out) == {"image", "image_tok", "label"}
     for key in ("image", "image_tok"):
-        assert torch.allclose(out[key], torch.stack([e[key] for e in expected]), atol=1e-5), key
+        # the worker jitters in uint8 (lookup tables), the device in float: equal up to rounding
+        diff = (out[key] - torch.stack([e[key] for e in expected])).abs()
+        assert diff.mean() < 0.01 and diff.max() < 0.1, (key, diff.mean(), diff.max())
+    no_jitter = dict(options, color_jitter=0.0)
+    random.seed(7)
+    exact = ViewTransform(**no_jitter)(opened(data[1]))
+    random.seed(7)
+    part = DecodeOnlyTransform(**no_jitter)(opened(data[1]))
+    batch = {k: v.unsqueeze(0) for k, v in part.items()}
+    assert torch.allclose(DeviceTransform(color_jitter=0.0)(batch)["image"][0], exact["image"], atol=1e-5)
 
 
 def test_jitter_changes_pixels_and_zero_jitter_does_not():
@@ -110,3 +119,12 @@ def test_jitter_changes_pixels_and_zero_jitter_does_not():
     random.seed(1)
     jittered = ViewTransform(image_size=32, tok_size=None, color_jitter=0.4, flip_prob=0.0)(opened(photo_jpeg()))
     assert not torch.allclose(plain["image"], jittered["image"], atol=1e-2)
+
+
+def test_tokenizer_view_from_the_image_view_is_close_to_the_direct_resize():
+    data = photo_jpeg(320, 240)
+    outputs = [(64, Image.Resampling.BICUBIC), (32, Image.Resampling.LANCZOS)]
+    box = (20, 10, 260, 230)
+    derived = np.asarray(crop_and_resize(opened(data), box, outputs, small_from_large=True)[1], dtype=float)
+    direct = np.asarray(crop_and_resize(opened(data), box, outputs, small_from_large=False)[1], dtype=float)
+    assert 0 < np.abs(derived - direct).mean() < 2.0

@@ -82,6 +82,7 @@ class DataConfig:
     tok_mean: list[float] = field(default_factory=lambda: list(DALLE_MEAN))  # DALL-E's 0.8 x + 0.1
     tok_std: list[float] = field(default_factory=lambda: list(DALLE_STD))
     use_draft: bool = True  # JPEG draft() decoding at reduced scale
+    tok_from_image: bool = True  # tokenizer view resized from the ViT view (faster; ~0.4/255 change)
     pin_memory: bool = False
     prefetch_factor: int = 2
     return_keys: bool = False  # add batch["key"]: list of "shard/key" strings (tests, debugging)
@@ -93,6 +94,7 @@ def transform_options(cfg: DataConfig) -> dict[str, Any]:
         image_size=cfg.image_size, tok_size=cfg.tok_size, interpolation=cfg.interpolation,
         tok_interpolation=cfg.tok_interpolation, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
         flip_prob=cfg.flip_prob, color_jitter=cfg.color_jitter, use_draft=cfg.use_draft,
+        tok_from_image=cfg.tok_from_image,
         mean=tuple(cfg.mean), std=tuple(cfg.std), tok_mean=tuple(cfg.tok_mean), tok_std=tuple(cfg.tok_std),
     )
 

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageStat
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -87,12 +87,15 @@ def sample_crop_box(
 
 
 def crop_and_resize(
-    img: Image.Image, box: Box, outputs: Sequence[tuple[int, Image.Resampling]], use_draft: bool = True
+    img: Image.Image, box: Box, outputs: Sequence[tuple[int, Image.Resampling]], use_draft: bool = True,
+    small_from_large: bool = True,
 ) -> list[Image.Image]:
     """Square views of `box` at each (size, interpolation); decodes `img` (opened, not yet loaded).
 
     draft() is asked for the smallest reduction that keeps the box at least as large as the biggest
-    output, so no view is upsampled because of it.
+    output, so no view is upsampled because of it. With `small_from_large`, smaller views are resized
+    from the first (largest) view instead of the box: for BEiT's 112 px lanczos view from a 224 px one
+    this halves its cost and changes pixels by about 0.4 / 255 on average (measured on photos).
     """
     fbox = tuple(float(v) for v in box)
     if use_draft and img.format == "JPEG":
@@ -107,7 +110,14 @@ def crop_and_resize(
             factor = img.width / full_w  # 1, 1/2, 1/4 or 1/8 (rounded up sizes)
             fbox = tuple(v * factor for v in fbox)
     rgb = to_rgb(img)
-    return [rgb.resize((size, size), interp, box=fbox) for size, interp in outputs]
+    first = rgb.resize((outputs[0][0],) * 2, outputs[0][1], box=fbox)
+    views = [first]
+    for size, interp in outputs[1:]:
+        if small_from_large and size <= outputs[0][0]:
+            views.append(first.resize((size, size), interp))
+        else:
+            views.append(rgb.resize((size, size), interp, box=fbox))
+    return views
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
@@ -137,6 +147,20 @@ def apply_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return ((x - grey) * f[:, 2:3] + grey).clamp_(0, 1)
 
 
+def jitter_pil(img: Image.Image, factors: Sequence[float]) -> Image.Image:
+    """`apply_jitter` on an 8-bit RGB image with lookup tables and a blend (worker mode): about 4x
+    cheaper than the float version per sample; equal up to uint8 rounding of the intermediate steps."""
+    bright, contrast, sat = factors
+    if bright != 1.0:
+        img = img.point([min(255, int(v * bright + 0.5)) for v in range(256)] * 3)
+    if contrast != 1.0:
+        mean = ImageStat.Stat(img.convert("L")).mean[0]
+        img = img.point([min(255, max(0, int((v - mean) * contrast + mean + 0.5))) for v in range(256)] * 3)
+    if sat != 1.0:
+        img = Image.blend(img.convert("L").convert("RGB"), img, sat)  # clipped to [0, 255]
+    return img
+
+
 def normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(x - mean) / std with mean, std [3] broadcast over [B, 3, H, W]."""
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
@@ -156,20 +180,22 @@ class _CropViews:
         flip_prob: float = 0.5,
         color_jitter: float = 0.4,
         use_draft: bool = True,
+        tok_from_image: bool = True,
     ):
         self.views = [("image", image_size, INTERPOLATIONS[interpolation])]
         if tok_size:
             self.views.append(("image_tok", tok_size, INTERPOLATIONS[tok_interpolation]))
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.flip_prob, self.color_jitter, self.use_draft = flip_prob, color_jitter, use_draft
+        self.tok_from_image = tok_from_image  # tokenizer view resized from the ViT view (see crop_and_resize)
 
-    def _decode_views(self, img: Image.Image) -> tuple[list[torch.Tensor], bool, tuple[float, float, float]]:
+    def _sample(self, img: Image.Image) -> tuple[list[Image.Image], bool, tuple[float, float, float]]:
+        """Crop box, flip and jitter factors (drawn in that order), and the decoded views."""
         box = sample_crop_box(img.width, img.height, self.scale, self.ratio)
         flip = random.random() < self.flip_prob
         jitter = sample_jitter(self.color_jitter)
         outputs = [(size, interp) for _, size, interp in self.views]
-        views = [pil_to_uint8(v) for v in crop_and_resize(img, box, outputs, self.use_draft)]
-        return views, flip, jitter
+        return crop_and_resize(img, box, outputs, self.use_draft, self.tok_from_image), flip, jitter
 
 
 class ViewTransform(_CropViews):
@@ -182,22 +208,22 @@ class ViewTransform(_CropViews):
 
     def __init__(self, *args, mean=IMAGENET_MEAN, std=IMAGENET_STD, tok_mean=DALLE_MEAN, tok_std=DALLE_STD, **kw):
         super().__init__(*args, **kw)
-        self.stats = {
-            "image": (torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)),
-            "image_tok": (torch.tensor(tok_mean, dtype=torch.float32), torch.tensor(tok_std, dtype=torch.float32)),
-        }
+        # uint8 -> normalised float in one op: x * scale + shift, scale = 1 / (255 std), shift = -mean / std
+        self.affine = {}
+        for key, m, sd in (("image", mean, std), ("image_tok", tok_mean, tok_std)):
+            m, sd = torch.tensor(m, dtype=torch.float32), torch.tensor(sd, dtype=torch.float32)
+            self.affine[key] = ((1 / (255 * sd)).view(3, 1, 1), (-m / sd).view(3, 1, 1))
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
-        views, flip, jitter = self._decode_views(img)
-        factors = torch.tensor([jitter])
+        views, flip, jitter = self._sample(img)
         out = {}
         for (key, _, _), view in zip(self.views, views):
-            x = view.unsqueeze(0).float().div_(255)
             if flip:
-                x = x.flip(-1)
+                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             if self.color_jitter > 0:
-                x = apply_jitter(x, factors)
-            out[key] = normalise(x, *self.stats[key])[0]
+                view = jitter_pil(view, jitter)
+            scale, shift = self.affine[key]
+            out[key] = torch.addcmul(shift, pil_to_uint8(view).float(), scale)
         return out
 
 
@@ -208,8 +234,8 @@ class DecodeOnlyTransform(_CropViews):
     """
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
-        views, flip, jitter = self._decode_views(img)
-        out = {key: view for (key, _, _), view in zip(self.views, views)}
+        views, flip, jitter = self._sample(img)
+        out = {key: pil_to_uint8(view) for (key, _, _), view in zip(self.views, views)}
         out["flip"] = torch.tensor(flip)
         out["jitter"] = torch.tensor(jitter, dtype=torch.float32)
         return out
