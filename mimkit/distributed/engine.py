@@ -1,0 +1,269 @@
+"""One wrapper around ``deepspeed.initialize``: ZeRO 0-3, fp32 / bf16 (fp16 where a GPU is),
+gradient accumulation and clipping, and non-finite steps skipped on every rank alike.
+
+    engine = Engine(model, param_groups(model, 0.05), EngineConfig(zero_stage=2), micro_batch_size=8,
+                    betas=(0.9, 0.999))
+    out = engine(batch, targets)             # the model's forward, through DeepSpeed
+    result = engine.train_step(out["loss"])  # backward + (at the accumulation boundary) step
+
+A bad step is one where any rank's loss, or the reduced gradient, is not finite. Every rank learns
+it from an all-reduced flag (or DeepSpeed's all-reduced grad norm), so all ranks skip it together:
+gradients are zeroed, the optimizer does not move and keeps its state, the step is counted. Too many
+in a row raise :class:`NonFiniteError` on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from mimkit.distributed.env import init_rank_env
+from mimkit.optim import apply_schedule
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 2  # 0 (plain data parallel) to 3
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
+    grad_accum: int = 1
+    clip_grad: float = 0.0  # 0: no clipping
+    max_consecutive_skips: int = 5  # this many non-finite steps in a row end the run
+    timeout_s: int = 300  # collective timeout: a dead peer ends the run instead of hanging it
+    reduce_bucket_size: int = 50_000_000
+    overlap_comm: bool = False
+    backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
+
+
+class NonFiniteError(RuntimeError):
+    """Raised on every rank after ``max_consecutive_skips`` non-finite steps in a row."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None  # before clipping; None between accumulation boundaries
+    lr: float  # the largest group lr (the head's under layer-wise decay)
+    skipped: bool  # this optimizer step was skipped (non-finite loss or gradient)
+    boundary: bool  # an optimizer step was due (last micro-batch of the accumulation window)
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """torch's AdamW whose next ``step`` can be vetoed. It is the client optimizer on every stage
+    (on CPU DeepSpeed's own Adam needs a compiled op), so the veto works the same under ZeRO 0-3:
+    ZeRO calls this ``step`` on each rank's partition. ``overflow`` is what DeepSpeed's engine reads
+    to count a skipped step when no ZeRO wrapper sits in between."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.skip_next = False
+        self.overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.overflow = self.skip_next
+        if self.skip_next:
+            return None
+        return super().step(closure)
+
+
+def is_accelerator_cpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
+
+
+def build_ds_config(cfg: EngineConfig, micro_batch_size: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run (also logged into the run folder)."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"engine.precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if not 0 <= cfg.zero_stage <= 3:
+        raise ValueError(f"engine.zero_stage must be 0..3, got {cfg.zero_stage}")
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage > 0:
+        zero.update(reduce_bucket_size=cfg.reduce_bucket_size, allgather_bucket_size=cfg.reduce_bucket_size,
+                    overlap_comm=cfg.overlap_comm, contiguous_gradients=True)
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": micro_batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,  # SkippableAdamW is torch's AdamW
+        "steps_per_print": 2**31 - 1,  # the trainer logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_process_group(cfg: EngineConfig) -> tuple[int, int]:
+    """Rank environment (torchrun, deepspeed, Slurm or a lone process), then the process group."""
+    import deepspeed
+
+    init_rank_env()
+    if not dist.is_initialized():
+        backend = cfg.backend
+        if backend == "auto":
+            backend = "gloo" if is_accelerator_cpu() else "nccl"
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.timeout_s),
+                                   verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one tiny all-reduce)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _local_grad_norm(module: nn.Module) -> float:
+    """2-norm of ``.grad`` over the module's parameters (stage 0: full, already reduced grads)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+class Engine:
+    """The DeepSpeed engine plus skip accounting; see the module docstring."""
+
+    def __init__(self, model: nn.Module, groups: Sequence[dict], cfg: EngineConfig, micro_batch_size: int,
+                 betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, lr: float = 0.0):
+        import deepspeed
+
+        self.cfg = cfg
+        self.rank, self.world_size = init_process_group(cfg)
+        if cfg.precision == "fp16" and is_accelerator_cpu():
+            raise ValueError("engine.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+        self.ds_config = build_ds_config(cfg, micro_batch_size, self.world_size)
+        self.optimizer = SkippableAdamW(list(groups), lr=lr, betas=tuple(betas), eps=eps)
+        self.ds, self.ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=self.ds_config,
+            dist_init_required=False)
+        self.micro_step = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._window_loss_bad = False
+
+    # -- the model -------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.ds(*args, **kwargs)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.precision]
+
+    def to_model(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Move a batch to the engine's device; floating tensors take the model's dtype."""
+        out = {}
+        for key, value in batch.items():
+            if torch.is_tensor(value):
+                value = value.to(self.device, non_blocking=True)
+                if value.is_floating_point():
+                    value = value.to(self.dtype)
+            out[key] = value
+        return out
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The groups DeepSpeed steps (ZeRO's wrapper exposes the client groups, ``lr_scale`` kept)."""
+        return self.ds_optimizer.param_groups
+
+    def set_schedule(self, lr: float, weight_decay: float | None = None) -> None:
+        """This step's lr and weight decay, scaled per group by ``lr_scale`` / ``wd_scale``."""
+        apply_schedule(self.ds_optimizer, lr, weight_decay)
+
+    def is_boundary(self) -> bool:
+        return (self.micro_step + 1) % self.cfg.grad_accum == 0
+
+    # -- one micro-batch ---------------------------------------------------------------------------
+    def train_step(self, loss: torch.Tensor) -> StepResult:
+        """Backward of one micro-batch, and the optimizer step at the accumulation boundary."""
+        loss_value = float(loss.detach().float())
+        loss_bad = any_rank(not torch.isfinite(loss.detach()).all().item())
+        self._window_loss_bad |= loss_bad
+        # Backward still runs on a bad micro-batch (with the loss zeroed) so DeepSpeed's hooks and
+        # counters stay in step on every rank; the window's optimizer step is vetoed below.
+        self.ds.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) if loss_bad else loss)
+        boundary = self.is_boundary()
+        grad_norm = None
+        skip = False
+        if boundary:
+            skip = self._window_loss_bad
+            if self.cfg.zero_stage == 0 and self.cfg.precision == "fp32":
+                # no DeepSpeed wrapper checks these grads: they are reduced, so equal on every rank
+                grad_norm = _local_grad_norm(self.ds.module)
+                skip = any_rank(skip or not torch.isfinite(torch.tensor(grad_norm)).item())
+            self.optimizer.skip_next = skip
+        self.ds.step()
+        self.micro_step += 1
+        if boundary:
+            self.optimizer.skip_next = False
+            if grad_norm is None:
+                norm = self.ds.get_global_grad_norm()
+                grad_norm = None if norm is None else float(norm)
+            # ZeRO 1-3 / bf16: DeepSpeed skips on a non-finite all-reduced grad norm by itself
+            skip = skip or not self.ds.was_step_applied()
+            self._window_loss_bad = False
+            self._count(skip)
+        lr = max(g["lr"] for g in self.param_groups)
+        return StepResult(loss=loss_value, grad_norm=grad_norm, lr=lr, skipped=skip, boundary=boundary)
+
+    def _count(self, skipped: bool) -> None:
+        if not skipped:
+            self.consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.cfg.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
+                f"(rank {self.rank}, micro-step {self.micro_step}); lower the lr, check the data, or "
+                f"use fp32 (engine.precision)")
+
+    # -- state the checkpoint needs ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        return {"micro_step": self.micro_step, "skipped_steps": self.skipped_steps,
+                "consecutive_skips": self.consecutive_skips}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.micro_step = int(state.get("micro_step", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+
+
+def environment_summary(engine: Engine | None = None) -> dict[str, Any]:
+    """Versions and topology, logged at the start of a run."""
+    import platform
+
+    import deepspeed
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+        "host": platform.node(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if engine is not None:
+        info.update(world_size=engine.world_size, zero_stage=engine.cfg.zero_stage,
+                    precision=engine.cfg.precision, grad_accum=engine.cfg.grad_accum,
+                    backend=dist.get_backend())
+    return info

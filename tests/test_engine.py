@@ -1,0 +1,97 @@
+"""The DeepSpeed wrapper and the checkpoint store on 2 CPU ranks (gloo), ZeRO 0 to 3.
+
+One torchrun runs every stage (DeepSpeed's import dominates a launch); each test reads its part.
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from mimkit.checkpoint.store import CheckpointError, CheckpointStore
+from mimkit.distributed.engine import EngineConfig, build_ds_config
+
+# tests/ is not a package (pytest runs in importlib mode): load the launch helper by path
+_spec = importlib.util.spec_from_file_location("mimkit_test_distributed", Path(__file__).with_name("distributed.py"))
+_helper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_helper)
+SCRIPTS, run_torchrun = _helper.SCRIPTS, _helper.run_torchrun
+
+STAGES = (0, 1, 2, 3)
+NAN_STEP, SAVE_AFTER = 3, 5
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine")
+    run_torchrun(SCRIPTS / "engine_check.py", [out, ",".join(map(str, STAGES))], cwd=out, timeout=540)
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_ds_config():
+    cfg = build_ds_config(EngineConfig(zero_stage=3, precision="bf16", grad_accum=4, clip_grad=3.0), 8, 2)
+    assert cfg["train_batch_size"] == 64
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert cfg["gradient_clipping"] == 3.0
+    with pytest.raises(ValueError, match="precision"):
+        build_ds_config(EngineConfig(precision="fp8"), 8, 1)
+    with pytest.raises(ValueError, match="zero_stage"):
+        build_ds_config(EngineConfig(zero_stage=4), 8, 1)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_trains_skips_nan_and_resumes_exactly(ranks, stage):
+    out, results = ranks
+    r0, r1 = (res[str(stage)] for res in results)
+    # the NaN was on rank 1 only; both ranks skipped that step and nothing else
+    expected = [s == NAN_STEP for s in range(len(r0["skipped"]))]
+    assert r0["skipped"] == expected and r1["skipped"] == expected
+    assert r0["skipped_steps"] == r1["skipped_steps"] == 1
+    assert math.isnan(r1["losses"][NAN_STEP]) and not math.isnan(r0["losses"][NAN_STEP])
+    # the skipped step left the weights alone (a probe loss is unchanged), the others moved them
+    assert r0["probe_before_nan_step"] == r0["probe_after_nan_step"]
+    assert r0["grad_norms"] == r1["grad_norms"]
+    assert all(g is not None and math.isfinite(g) for g in r0["grad_norms"])
+    # it learns: the second half of the run is below the first steps
+    assert max(r0["losses"][-2:]) < r0["losses"][0]
+    # a fresh engine (different init) loaded from the step-5 checkpoint continues exactly (fp32)
+    assert r0["resumed_losses"] == r0["losses"][SAVE_AFTER:]
+    assert r1["resumed_losses"] == r1["losses"][SAVE_AFTER:]
+    assert r0["resumed_client"] == {"step": SAVE_AFTER, "samples": SAVE_AFTER * 16, "mine": {"rank": 0}}
+    assert r1["resumed_client"]["mine"] == {"rank": 1}
+    assert r0["complete_tags"] == ["step_00000005"]
+
+
+def test_all_stages_agree(ranks):
+    # same data, same init, fp32: ZeRO partitioning must not change the numbers beyond rounding
+    _, results = ranks
+    base = results[0]["0"]["losses"]
+    for stage in STAGES[1:]:
+        assert results[0][str(stage)]["losses"] == pytest.approx(base, rel=1e-5, nan_ok=True)
+
+
+def test_consecutive_nonfinite_steps_raise_on_every_rank(ranks):
+    _, results = ranks
+    for res in results:
+        assert res["nonfinite_error"] and "2 optimizer steps in a row" in res["nonfinite_error"]
+
+
+def test_latest_pointer_and_half_written_checkpoint(ranks, tmp_path):
+    out, _ = ranks
+    store = CheckpointStore(out / "ckpt_stage2")
+    assert store.latest() == "step_00000005"
+    assert store.resolve("none") is None
+    # a checkpoint folder without its completion marker is refused, by path and through `latest`
+    half = tmp_path / "ckpt" / "step_00000009"
+    half.mkdir(parents=True)
+    (half / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    bad = CheckpointStore(tmp_path / "ckpt")
+    assert bad.latest() is None and bad.complete_tags() == []
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        bad.resolve(str(half))
+    (tmp_path / "ckpt" / "latest").write_text("step_00000009")
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        bad.resolve("auto")
