@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -238,3 +239,75 @@ def test_submitit_job_is_preempted_requeued_and_loses_no_step(slurm_cluster, sta
     assert job.results() == [str(run_dir)] * 2
     for rank in (0, 1):
         assert [s["step"] for s in steps_of(run_dir, rank)] == list(range(1, 41)), logs
+
+
+@pytest.mark.timeout(180)
+def test_submitit_local_executor_runs_two_ranks(stand_in_root, tmp_path, monkeypatch):
+    """The laptop path: no Slurm, submitit's local executor starts the 2 ranks on this machine."""
+    import submitit
+
+    from mimkit.distributed.submit import StageJob
+
+    for key, value in job_env().items():
+        monkeypatch.setenv(key, value)
+    runs = tmp_path / "runs"
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit" / "%j", cluster="local")
+    executor.update_parameters(tasks_per_node=2, gpus_per_node=0, timeout_min=10, stderr_to_stdout=True)
+    stage = StageJob("pretrain", "tiny.yaml", [f"run.root={runs}", "steps=5", "step_s=0.01"], str(stand_in_root),
+                     stage_dir=str(stand_in_root / "pretrain"))
+    job = executor.submit(stage)
+    run_dir = runs / f"pretrain-{job.job_id}"
+    assert job.results() == [str(run_dir)] * 2
+    assert json.loads((run_dir / "export" / "done.json").read_text()) == {"step": 5, "world_size": 2}
+
+
+# -- no cluster needed: what the scripts and the CLI compute ---------------------------------------------
+
+
+def test_finetune_script_gives_accelerate_the_machine_rank_and_main_address(tmp_path):
+    """Node 1 of `gpu[01-02]` with 4 GPUs each: accelerate gets machine rank 1 of 2, 8 processes, and
+    the first host and the job's port as the main process address."""
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f'#!/bin/bash\nif [ "$1 $2" = "-m mimkit.distributed.env" ]; then exec {sys.executable} "$@"; fi\n'
+                           'echo "$@"\n')
+    fake_python.chmod(0o755)
+    (tmp_path / "ft.yaml").write_text("{}\n")
+    env = job_env(MIMKIT_DRY_RUN="1", MIMKIT_ROOT=str(ROOT), PYTHON=str(fake_python), SLURM_JOB_NAME="finetune",
+                  SLURM_JOB_ID="12", SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="4")
+    dry = run(["bash", str(ROOT / "slurm" / "finetune.sh"), str(tmp_path / "ft.yaml"), "model.init=x"], env=env)
+    assert dry.returncode == 0, dry.stderr
+    import shlex
+    srun_cmd = shlex.split(dry.stdout.splitlines()[0])
+    assert srun_cmd[0] == "srun" and "--ntasks-per-node=1" in srun_cmd
+    task_cmd = srun_cmd[srun_cmd.index(str(fake_python)):]
+    # what srun's task on the second node sees
+    task_env = job_env(SLURM_JOB_ID="12", SLURM_STEP_ID="0", SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_LOCALID="0",
+                       SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu[01-02]", SLURM_TASKS_PER_NODE="1(x2)")
+    out = run(task_cmd, env=task_env)
+    assert out.returncode == 0, out.stderr
+    args = out.stdout.split()
+    value = lambda flag: args[args.index(flag) + 1]  # noqa: E731
+    assert args[:2] == ["-m", "accelerate.commands.launch"]
+    assert (value("--num_machines"), value("--num_processes"), value("--machine_rank")) == ("2", "8", "1")
+    assert (value("--main_process_ip"), value("--main_process_port")) == ("gpu01", "20012")
+    assert "--multi_gpu" in args
+    assert args[args.index("finetune"):] == ["finetune", "--config", str(tmp_path / "ft.yaml"), "run.root=runs",
+                                              "run.name=finetune-12", "model.init=x"]
+
+
+def test_sbatch_script_refuses_to_run_outside_slurm(tmp_path):
+    env = job_env(MIMKIT_ROOT=str(ROOT))
+    out = run(["bash", str(ROOT / "slurm" / "pretrain.sh"), "configs/none.yaml"], env=env, cwd=tmp_path)
+    assert out.returncode == 2 and "sbatch" in out.stderr
+
+
+def test_submit_cli_parses_options_and_overrides():
+    from mimkit.distributed.submit import build_parser, split_run_overrides
+
+    args = build_parser().parse_args(["pretrain", "c.yaml", "optim.lr=1e-3", "run.name=x", "--nodes", "4",
+                                      "--gpus-per-node", "8", "--executor", "slurm", "--partition", "gpu"])
+    assert (args.stage, args.config, args.nodes, args.gpus_per_node, args.partition) == ("pretrain", "c.yaml", 4, 8, "gpu")
+    assert split_run_overrides(args.overrides, "pretrain", "77") == ("runs", "x", ["optim.lr=1e-3"])
+    assert split_run_overrides(["a=1"], "finetune", "77") == ("runs", "finetune-77", ["a=1"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["nonsense", "c.yaml"])
