@@ -1,0 +1,90 @@
+"""The `FinetuneConfig` schema: `finetune --config FILE [dotted.key=value ...]` (see configs/finetune/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class RunConfig:
+    root: str = "runs"
+    name: str = "finetune"
+    seed: int = 0
+    resume: str = "auto"  # auto (latest in the run folder) | none | path to a checkpoint folder
+    log_every: int = 20  # steps
+    save_every: int = 1  # epochs; 0: only at the end
+
+
+@dataclass
+class ModelConfig:
+    init: str = ""  # mimkit export folder, official BEiT / BEiT v2 / MAE / MILAN file, timm state dict; "" = scratch
+    preset: str = "vit_base_patch16"  # mimkit.models.vit preset, when init has no mimkit.json
+    img_size: Optional[int] = None  # None: the export's / preset's
+    global_pool: str = "avg"  # avg (mean of patch tokens + LayerNorm, BEiT / MAE fine-tuning) | token (CLS)
+    drop_path: float = 0.1
+    rel_pos: Optional[str] = None  # BEiT fine-tuning turns a shared table into per-block tables: "block"
+    head_init_scale: float = 0.001  # BEiT / MAE scale the fresh head's weights down
+
+
+@dataclass
+class DataConfig:
+    format: str = "imagefolder"  # imagefolder (ROOT/train/<wnid>/*.JPEG, ROOT/val/...) | shards (.tar with .jpg + .cls)
+    root: str = ""  # imagefolder: the folder holding train/ and val/
+    train_shards: str = ""  # shards: brace pattern / folder of training shards
+    val_shards: str = ""
+    num_classes: int = 1000
+    label_fraction: float = 1.0  # keep this fraction of training labels, class-balanced (few-label runs)
+    batch_size: int = 1024  # global, split across processes (same batches on any number of processes)
+    eval_batch_size: int = 256  # global
+    num_workers: int = 8
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875  # eval: resize to size / crop_pct, centre crop
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True  # False: the eval transform for training too (tests, probes)
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; None: off
+    color_jitter: Optional[float] = None
+    reprob: float = 0.25  # random erasing
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    lr: float = 4e-3  # the peak lr for `base_batch_size` samples (BEiT 4e-3, BEiT v2 5e-4, MAE 5e-4 x b/256)
+    base_batch_size: int = 1024  # lr scales by batch_size / base_batch_size; 0: lr as given
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: Optional[float] = 0.65  # None: no layer-wise decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: Optional[float] = None
+    max_steps: int = 0  # > 0: stop after this many steps (smoke runs, equal-budget comparisons)
+
+
+@dataclass
+class FinetuneConfig:
+    mode: str = "finetune"  # finetune | linprobe (frozen encoder, BatchNorm without affine + linear)
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: float = 0.0  # > 0: keep an EMA of the weights with this decay and evaluate it too
+    precision: str = "auto"  # auto (bf16 where a GPU is, else fp32) | bf16 | fp32
+    cpu: bool = False  # force CPU (tests)
+    eval_every: int = 1  # epochs
+
+
+MODES = ("finetune", "linprobe")
