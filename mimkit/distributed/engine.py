@@ -104,6 +104,20 @@ def build_ds_config(cfg: EngineConfig, micro_batch_size: int, world_size: int) -
     }
 
 
+def skip_cpu_shm_comm_build() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op when the process group
+    starts, used only by its inference all-reduce; training collectives go through torch.distributed
+    (gloo). Processes sharing one TORCH_EXTENSIONS_DIR with different compiler flags rebuild it on
+    every start (1-2 minutes each here), so skip it unless MIMKIT_DS_SHM_COMM=1."""
+    if os.environ.get("MIMKIT_DS_SHM_COMM") == "1":
+        return
+    import importlib
+
+    # by module path: the attribute ``deepspeed.comm.torch`` is torch itself, not this module
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    ds_torch_comm.build_shm_op = lambda: None
+
+
 def init_process_group(cfg: EngineConfig) -> tuple[int, int]:
     """Rank environment (torchrun, deepspeed, Slurm or a lone process), then the process group."""
     import deepspeed
@@ -113,6 +127,8 @@ def init_process_group(cfg: EngineConfig) -> tuple[int, int]:
         backend = cfg.backend
         if backend == "auto":
             backend = "gloo" if is_accelerator_cpu() else "nccl"
+        if is_accelerator_cpu():
+            skip_cpu_shm_comm_build()
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.timeout_s),
                                    verbose=False)
     return dist.get_rank(), dist.get_world_size()
