@@ -75,10 +75,11 @@ def block_mask():
 def test_resume_gives_the_same_remaining_batches(tmp_path, workers):
     cfg = small_config(make_shards(tmp_path, [7, 5, 9, 6]), num_workers=workers, batches_per_epoch=8)
     loader = build_stream(cfg, mask_fn=block_mask)
-    take(loader, 3)
+    batches = iter(loader)  # one uninterrupted pass: the state is read while it runs
+    [next(batches) for _ in range(3)]
     state = loader.state_dict()
     assert state["epoch"] == 0 and state["batch"] == 3
-    expected = take(loader, 3)
+    expected = [next(batches) for _ in range(3)]
 
     resumed = build_stream(cfg, mask_fn=block_mask)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
@@ -95,11 +96,15 @@ def test_resume_gives_the_same_remaining_batches(tmp_path, workers):
 def test_resume_across_an_epoch_boundary(tmp_path):
     cfg = small_config(make_shards(tmp_path, [6, 6]), batches_per_epoch=3)
     loader = build_stream(cfg)
-    first = [b["key"] for b in loader] + [b["key"] for b in take(loader, 1)]
-    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["batch"] == 1
+    first = [b["key"] for b in loader] + [b["key"] for b in take(loader, 2)]
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["batch"] == 2
     fresh = build_stream(cfg)
     assert [b["key"] for b in fresh] == first[:3]
-    assert [b["key"] for b in take(fresh, 1)] == first[3:]  # the next epoch's first batch
+    assert [b["key"] for b in take(fresh, 1)] == first[3:4]  # the next epoch's first batch
+    assert first[3] != first[0]  # epochs differ
+    resumed = build_stream(cfg)
+    resumed.load_state_dict({"epoch": 1, "batch": 1, "seed": 0})
+    assert [b["key"] for b in take(resumed, 1)] == first[4:]
 
 
 def test_ranks_and_workers_get_disjoint_equal_streams(tmp_path):

@@ -10,8 +10,9 @@ Two ways to run the same augmentation:
 
 Both decode JPEGs with PIL's `draft()` (DCT-domain downscale by 1/2, 1/4 or 1/8) whenever the crop
 box is large enough that the reduced image still covers the output size, then crop+resize in one
-`Image.resize(size, box=...)` call. Most RandomResizedCrop boxes of an ImageNet-size photo shrink to
-224 px, so this skips most of the decode work; it is the main reason this is faster than torchvision.
+`Image.resize(size, box=...)` call. On photos above ~500 px this skips most of the decode work; at
+ImageNet's 500 x 375 a 224 px view rarely allows it, and the savings come from jittering the small
+views in uint8 and deriving the tokenizer view from the image view (numbers in BENCHMARKS.md).
 
 Randomness comes from Python's `random` module (boxes, flips, jitter factors): the stream seeds it per
 batch, so a batch's augmentation is reproducible from (seed, rank, worker, epoch, batch index).
