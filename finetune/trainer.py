@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from timm.data import Mixup
@@ -121,8 +121,9 @@ def make_accelerator(cfg: FinetuneConfig) -> Accelerator:
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
     if precision == "bf16" and not on_gpu:
         precision = "fp32"  # fp32 on CPU
+    loader_cfg = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.run.seed)
     return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if precision == "bf16" else "no",
-                       split_batches=True)
+                       dataloader_config=loader_cfg)
 
 
 def train(cfg: FinetuneConfig) -> dict[str, Any]:

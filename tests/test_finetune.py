@@ -1,0 +1,121 @@
+"""Fine-tuning: metrics, label subsets, both data formats, 2 processes == 1 process, linear probe,
+resume, refusal of pickled code, and pretrained-vs-scratch on the demo data."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimkit.config import load_config
+from mimkit.data.demo import make_demo_data
+from mimkit.finetune.class_data import TarShardImages, label_subset
+from mimkit.finetune.config import FinetuneConfig
+from mimkit.finetune.metrics import topk_correct
+from mimkit.finetune.trainer import ResumeError, load_optimizer_state, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "finetune" / "tiny_cpu.yaml"
+ENTRY = Path(__file__).parent / "dist_scripts_ft" / "finetune_entry.py"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    # 4 classes x 40 train, 4 x 11 val (44: not a multiple of 2 processes x eval batch, so padding happens)
+    return make_demo_data(tmp_path_factory.mktemp("demo") / "data", num_classes=4, images_per_class=40,
+                          val_per_class=11, image_size=32, images_per_shard=64)
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(FinetuneConfig, TINY, [f"run.root={tmp_path}", *overrides])
+
+
+def test_topk_correct_by_hand():
+    logits = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.6, 0.1, 0.3]])
+    targets = torch.tensor([1, 1, 0, 2])
+    # top1 hits: sample 0 only; top2 adds sample 1 (0.3 second) and sample 3 (0.3 second)
+    assert topk_correct(logits, targets, ks=(1, 2, 5)) == {1: 1, 2: 3, 5: 4}
+
+
+def test_label_subset_is_class_balanced_and_seeded():
+    targets = [0] * 50 + [1] * 30 + [2] * 5
+    keep = label_subset(targets, 0.1, seed=3)
+    picked = [targets[i] for i in keep]
+    assert [picked.count(c) for c in range(3)] == [5, 3, 1]
+    assert keep == label_subset(targets, 0.1, seed=3) and keep != label_subset(targets, 0.1, seed=4)
+
+
+def test_tar_shards_index_matches_imagefolder_counts(demo):
+    shards = TarShardImages(demo.train_shard_pattern)
+    assert len(shards) == demo.num_train
+    assert sorted(set(shards.targets)) == list(range(demo.num_classes))
+    image, label = shards[len(shards) - 1]
+    assert image.size == (32, 32) and 0 <= label < demo.num_classes
+
+
+def test_shards_and_imagefolder_train_and_evaluate(demo, tmp_path):
+    common = ["optim.epochs=1", "optim.max_steps=2", "aug.enabled=false"]
+    a = train(_cfg(tmp_path, "run.name=folder", f"data.root={demo.imagefolder_train.parent}", *common))
+    b = train(_cfg(tmp_path, "run.name=shards", "data.format=shards", f"data.train_shards={demo.train_shard_pattern}",
+                   f"data.val_shards={demo.val_shard_pattern}", *common))
+    assert a["count"] == b["count"] == demo.num_val
+
+
+def _torchrun(args, cwd, nproc=2):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), str(ENTRY), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return proc.stdout
+
+
+def test_two_processes_give_the_same_accuracy_as_one(demo, tmp_path):
+    args = ["--config", str(TINY), f"run.root={tmp_path}", f"data.root={demo.imagefolder_train.parent}",
+            "optim.epochs=2", "aug.enabled=false", "model.drop_path=0.0", "data.eval_batch_size=10"]
+    one = train(_cfg(tmp_path, *args[3:], "run.name=one"))
+    _torchrun([*args, "run.name=two"], cwd=tmp_path)
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["num_processes"] == 2 and one["num_processes"] == 1
+    assert two["count"] == one["count"] == demo.num_val  # padded duplicates not counted
+    assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
+    assert abs(two["loss"] - one["loss"]) < 1e-3
+
+
+def test_linear_probe_trains_only_the_head_and_resumes(demo, tmp_path):
+    args = ["mode=linprobe", "run.name=probe", f"data.root={demo.imagefolder_train.parent}", "optim.epochs=2",
+            "optim.layer_decay=null", "optim.weight_decay=0.0", "aug.enabled=false", "run.save_every=1", "ema=0.9"]
+    first = train(_cfg(tmp_path, *args, "optim.epochs=1"))
+    ckpt = tmp_path / "probe" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "epoch_0000"
+    from safetensors.torch import load_file
+    saved = load_file(str(ckpt / "epoch_0000" / "model.safetensors"))
+    assert "head.0.running_mean" in saved and "head.0.weight" not in saved  # BatchNorm without affine
+    resumed = train(_cfg(tmp_path, *args))  # continues at epoch 1
+    assert resumed["steps"] == 2 * first["steps"] and "ema_top1" in resumed
+    after = load_file(str(ckpt / "epoch_0001" / "model.safetensors"))
+    encoder = [k for k in saved if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(saved[k], after[k]) for k in encoder)  # frozen
+    assert not torch.equal(saved["head.1.weight"], after["head.1.weight"])
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_carrying_code_is_refused(tmp_path):
+    path = tmp_path / "optimizer.pt"
+    torch.save({"state": {}, "param_groups": [], "x": _Payload()}, path)
+    with pytest.raises(ResumeError, match="refused to unpickle"):
+        load_optimizer_state(path)
