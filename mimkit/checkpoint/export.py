@@ -287,6 +287,15 @@ def method_of(cfg: dict) -> Optional[str]:
     return None
 
 
+def _method_section(cfg: dict) -> Any:
+    """The objective's own section (beit / peco / beitv2 share `beit`): other sections hold unused defaults."""
+    method = method_of(cfg)
+    if method is None:
+        return cfg
+    key = "beit" if method in ("beit", "peco", "beitv2") else method
+    return cfg.get(key) or {}
+
+
 def shard_list_hash(spec: str) -> dict[str, Any]:
     """sha256 of the sorted shard names and sizes (the data a run saw), or of the spec when they are gone."""
     if not spec:
@@ -368,8 +377,8 @@ def export_run(run_dir: str | os.PathLike, step: Optional[int] = None, timm: boo
                        "image_size": data.get("image_size", vit_cfg.img_size),
                        "interpolation": data.get("interpolation")},
         "method": method_of(cfg),
-        "tokenizer": _find_section(cfg, "tokenizer"),
-        "teacher": _find_section(cfg, "teacher"),
+        "tokenizer": _find_section(_method_section(cfg), "tokenizer"),
+        "teacher": _find_section(_method_section(cfg), "teacher"),
         "step": int(client.get("step", _STEP_TAG.match(tag_dir.name).group(1) if _STEP_TAG.match(tag_dir.name) else 0)),
         "samples_seen": client.get("samples", client.get("samples_seen")),
         "shards": shard_list_hash(str(data.get("shards", ""))),
