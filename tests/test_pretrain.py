@@ -1,0 +1,164 @@
+"""BEiT-family pretraining: the objectives on their own, then the real loop on 2 CPU ranks (DeepSpeed
+over gloo): loss falls, a NaN step is skipped on both ranks, uneven shards give equal batch counts, a
+SIGKILLed rank ends the run, and the resumed run repeats the uninterrupted one's losses exactly."""
+
+import copy
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimkit.config import load_config
+from mimkit.data.demo import make_demo_data
+from mimkit.models.tokenizer_export import save_random_tokenizer_export
+from mimkit.pretrain.beit import build, build_v2
+from mimkit.pretrain.config import PretrainConfig
+from mimkit.runlog import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "configs" / "pretrain" / "beit_tiny_cpu.yaml"
+_spec = importlib.util.spec_from_file_location("mimkit_test_distributed", Path(__file__).with_name("distributed.py"))
+_helper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_helper)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    tok = save_random_tokenizer_export(root / "tok", "dvae", input_size=32, seed=3)
+    # 50 images a shard over 192 images: shards of 50, 50, 50, 42 -> uneven for 2 ranks
+    demo = make_demo_data(root / "demo", image_size=32, images_per_shard=50)
+    return root, tok, demo
+
+
+def overrides(assets, name, **extra):
+    root, tok, demo = assets
+    base = {"data.shards": str(demo.shards_dir), "beit.tokenizer": str(tok), "run.root": str(root / "runs"),
+            "run.name": name, "run.log_every": 1, "data.num_workers": 0, "data.batches_per_epoch": 5,
+            "data.batch_size": 8, "optim.warmup_steps": 2, "run.export": False}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def launch(assets, name, timeout=240, check=True, **extra):
+    root = assets[0]
+    args = ["--config", PRESET, *overrides(assets, name, **extra)]
+    return _helper.run_torchrun(_helper.SCRIPTS / "run_pretrain.py", args, cwd=root, timeout=timeout, check=check)
+
+
+def losses_by_step(run_dir):
+    """The last logged loss of each step (a resumed run logs its steps again)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+# ---- the objectives alone -------------------------------------------------------------------------
+
+
+def _cfg(assets, objective):
+    cfg = load_config(PretrainConfig, PRESET, overrides(assets, "unit", objective=objective))
+    cfg.beit.early_layer = 1
+    return cfg
+
+
+def _batch(targets, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(4, 3, 32, 32, generator=g), "image_tok": torch.randn(4, 3, 32, 32, generator=g),
+            "mask": targets.mask_fn.batch(4)}
+
+
+def test_beit_loss_is_ce_over_masked_patches_only(assets):
+    torch.manual_seed(0)
+    cfg = _cfg(assets, "beit")
+    model, targets = build(cfg)
+    assert targets.data_overrides()["tok_size"] == 32
+    batch = _batch(targets)
+    assert batch["mask"].shape == (4, 16) and (batch["mask"].sum(1) == 6).all()
+    t = targets(batch)
+    assert t["ids"].shape == (4, 16) and t["ids"].dtype == torch.long
+    out = model(batch, t)
+    tokens = model.encoder.forward_features(batch["image"], mask=batch["mask"])[:, 1:]
+    logits = model.lm_head(tokens)
+    expected = torch.nn.functional.cross_entropy(logits[batch["mask"]], t["ids"][batch["mask"]])
+    torch.testing.assert_close(out["loss"], expected)
+    # unmasked positions do not count: changing their targets changes nothing
+    t2 = {"ids": torch.where(batch["mask"], t["ids"], (t["ids"] + 1) % 64)}
+    torch.testing.assert_close(model(batch, t2)["loss"], out["loss"])
+    assert 0.0 <= float(out["mlm_acc"]) <= 1.0
+
+
+def test_beitv2_adds_a_cls_head_term_logged_apart(assets):
+    torch.manual_seed(0)
+    model, targets = build_v2(_cfg(assets, "beitv2"))
+    assert len(model.cls_pt_layers) == 2
+    batch = _batch(targets)
+    out = model(batch, targets(batch))
+    torch.testing.assert_close(out["loss"], out["loss_mim"] + out["loss_cls_head"])
+    assert not torch.equal(out["loss_mim"], out["loss_cls_head"])
+    # the head's gradient reaches the final CLS token through its first input
+    out["loss_cls_head"].backward()
+    assert model.encoder.cls_token.grad is not None and model.encoder.cls_token.grad.abs().sum() > 0
+
+
+def test_tokenizer_grid_must_match_the_patch_grid(assets):
+    cfg = _cfg(assets, "beit")
+    cfg.model.patch_size = 16  # 2x2 patches vs the tokenizer's 4x4 ids
+    with pytest.raises(ValueError, match="grid"):
+        build(cfg)
+
+
+# ---- the loop on 2 ranks --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_run(assets):
+    """12 steps uninterrupted; a NaN loss on rank 1 at step index 6; checkpoints every 4 steps."""
+    launch(assets, "full", **{"run.steps": 12, "run.save_every": 4, "debug.nan_at_step": 6, "debug.nan_rank": 1})
+    return assets[0] / "runs" / "full"
+
+
+def test_loss_falls_and_nan_step_is_skipped_on_both_ranks(full_run):
+    records = read_metrics(full_run)
+    losses = losses_by_step(full_run)
+    assert sorted(losses) == list(range(1, 13))
+    assert sum(losses[s] for s in (10, 11, 12)) / 3 < 0.7 * sum(losses[s] for s in (1, 2, 3)) / 3
+    skipped = {r["step"]: r["skipped_steps"] for r in records if "loss" in r}
+    assert [skipped[s] for s in range(1, 13)] == [0] * 6 + [1] * 6  # counted once, by the rank-agreed flag
+    end = records[-1]
+    assert end["event"] == "end" and end["skipped_steps"] == 1
+    # uneven shards (50, 50, 50, 42 images), 5 batches an epoch, 12 steps: both ranks got 12 batches
+    assert end["batches_per_rank"] == [12, 12]
+    env = json.loads((full_run / "environment.json").read_text())
+    assert env["world_size"] == 2 and env["zero_stage"] == 2 and env["torch"] == torch.__version__
+    assert (full_run / "config.yaml").is_file() and list((full_run / "pictures").glob("masks_*.png"))
+    assert sorted(p.name for p in (full_run / "checkpoints").glob("step_*")) == ["step_00000008", "step_00000012"]
+
+
+def test_sigkill_on_one_rank_ends_the_run_and_resume_repeats_the_losses(assets, full_run):
+    run_dir = assets[0] / "runs" / "killed"
+    common = {"run.steps": 12, "run.save_every": 4, "debug.nan_at_step": 6, "debug.nan_rank": 1}
+    proc = launch(assets, "killed", check=False, timeout=180, **common, **{"debug.kill_at_step": 9})
+    ended = time.time()
+    assert proc.returncode != 0
+    last = read_metrics(run_dir)[-1]
+    assert last["step"] == 9  # rank 1 died before step index 9's forward
+    assert ended - last["time"] < 60, f"rank 0 outlived the killed rank by {ended - last['time']:.0f} s"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000008"
+
+    launch(assets, "killed", **common)  # resume: auto
+    expected, resumed = losses_by_step(full_run), losses_by_step(run_dir)
+    assert sorted(resumed) == list(range(1, 13))
+    assert [resumed[s] for s in range(9, 13)] == [expected[s] for s in range(9, 13)]  # exact, fp32
+
+
+def test_zero3_beitv2_trains_checkpoints_and_exports(assets):
+    launch(assets, "v2z3", objective="beitv2", **{"beit.early_layer": 1, "engine.zero_stage": 3, "run.steps": 3,
+                                                  "run.save_every": 3, "run.export": True})
+    run_dir = assets[0] / "runs" / "v2z3"
+    rec = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert len(rec) == 3 and {"loss_mim", "loss_cls_head", "mlm_acc", "mlm_acc_cls_head"} <= set(rec[-1])
+    assert (run_dir / "checkpoints" / "step_00000003" / "complete.json").is_file()
+    meta = json.loads((run_dir / "export" / "mimkit.json").read_text())
+    assert meta["method"] == "beitv2" and meta["step"] == 3
