@@ -135,7 +135,8 @@ def show_logs(run_dir: Path) -> str:
     return "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(run_dir.glob("logs/*")))
 
 
-# -- the sbatch mechanics with a stand-in stage: 2 ranks over gloo, a json "checkpoint" ----------------
+# -- a stand-in stage (2 ranks over gloo, a json "checkpoint", one log line per step and rank): it shows
+#    exactly which steps each rank ran, and does not depend on the pretrain stage
 
 STAND_IN_STAGE = textwrap.dedent("""
     import json, os, sys, time
@@ -198,29 +199,6 @@ def steps_of(run_dir: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.timeout(240)
-def test_stand_in_job_is_preempted_requeued_and_loses_no_step(slurm_cluster, stand_in_root, tmp_path):
-    runs = tmp_path / "runs"
-    env = job_env(MIMKIT_ROOT=str(stand_in_root), RUN_ROOT=str(runs))
-    job = sbatch(ROOT / "slurm" / "pretrain.sh", ["tiny.yaml", "steps=40", "step_s=0.1"], tmp_path, env,
-                 cwd=stand_in_root)
-    run_dir = runs / f"pretrain-{job}"
-    wait_for_steps(job, run_dir, 5)
-    # what `#SBATCH --signal=USR1@120` does: the signal to every task of the job's steps
-    assert run(["scancel", "--signal=USR1", job]).returncode == 0
-    info = wait_for_job(job, 150)
-    logs = show_logs(run_dir)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs
-    assert info["Restarts"] == "1", logs
-    for rank in (0, 1):
-        steps = steps_of(run_dir, rank)
-        assert [s["step"] for s in steps] == list(range(1, 41)), f"rank {rank} lost or redid steps\n{logs}"
-        assert {s["restart"] for s in steps} == {"0", "1"}
-    assert json.loads((run_dir / "export" / "done.json").read_text()) == {"step": 40, "world_size": 2}
-    assert "scontrol requeue" in (run_dir / "logs" / f"{job}.out").read_text()
-    assert f"'MASTER_PORT': '{20000 + int(job) % 10000}'" in (run_dir / "logs" / f"{job}-rank1.out").read_text()
-
-
 # -- submitit: the same preemption path through StageJob ----------------------------------------------
 
 
@@ -250,26 +228,6 @@ def test_submitit_job_is_preempted_requeued_and_loses_no_step(slurm_cluster, sta
     assert job.results() == [str(run_dir)] * 2
     for rank in (0, 1):
         assert [s["step"] for s in steps_of(run_dir, rank)] == list(range(1, 41)), logs
-
-
-@pytest.mark.timeout(180)
-def test_submitit_local_executor_runs_two_ranks(stand_in_root, tmp_path, monkeypatch):
-    """The laptop path: no Slurm, submitit's local executor starts the 2 ranks on this machine."""
-    import submitit
-
-    from mimkit.distributed.submit import StageJob
-
-    for key, value in job_env().items():
-        monkeypatch.setenv(key, value)
-    runs = tmp_path / "runs"
-    executor = submitit.AutoExecutor(folder=tmp_path / "submitit" / "%j", cluster="local")
-    executor.update_parameters(tasks_per_node=2, gpus_per_node=0, timeout_min=10, stderr_to_stdout=True)
-    stage = StageJob("pretrain", "tiny.yaml", [f"run.root={runs}", "steps=5", "step_s=0.01"], str(stand_in_root),
-                     stage_dir=str(stand_in_root / "pretrain"))
-    job = executor.submit(stage)
-    run_dir = runs / f"pretrain-{job.job_id}"
-    assert job.results() == [str(run_dir)] * 2
-    assert json.loads((run_dir / "export" / "done.json").read_text()) == {"step": 5, "world_size": 2}
 
 
 # -- no cluster needed: what the scripts and the CLI compute ---------------------------------------------
@@ -322,3 +280,114 @@ def test_submit_cli_parses_options_and_overrides():
     assert split_run_overrides(["a=1"], "finetune", "77") == ("runs", "finetune-77", ["a=1"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["nonsense", "c.yaml"])
+
+
+# -- the real thing: 2 ranks of DeepSpeed pretraining (tiny BEiT preset on CPU) -------------------------
+
+
+@pytest.fixture(scope="module")
+def pretrain_assets(tmp_path_factory):
+    """A random tiny dVAE export and the 32 px demo shards; overrides that keep a run to seconds."""
+    from mimkit.data.demo import make_demo_data
+    from mimkit.models.tokenizer_export import save_random_tokenizer_export
+
+    root = tmp_path_factory.mktemp("slurm_pretrain")
+    tok = save_random_tokenizer_export(root / "tok", "dvae", input_size=32, seed=3)
+    demo = make_demo_data(root / "demo", image_size=32, images_per_shard=50)
+
+    def overrides(steps: int, **extra) -> list[str]:
+        base = {"data.shards": demo.shards_dir, "beit.tokenizer": tok, "run.root": root / "runs",
+                "run.steps": steps, "run.log_every": 1, "run.save_every": 1000, "data.num_workers": 0,
+                "data.batches_per_epoch": 5, "data.batch_size": 8, "optim.warmup_steps": 2}
+        base.update(extra)
+        return [f"{k}={v}" for k, v in base.items()]
+
+    return root, overrides
+
+
+def loss_steps(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def assert_exported(run_dir: Path, steps: int) -> None:
+    export = run_dir / "export"
+    assert (export / "model.safetensors").stat().st_size > 0, show_logs(run_dir)
+    meta = json.loads((export / "mimkit.json").read_text())
+    assert meta["step"] == steps, meta
+
+
+@pytest.mark.timeout(300)
+def test_sbatch_pretrain_runs_two_deepspeed_ranks_and_exports(slurm_cluster, pretrain_assets):
+    root, overrides = pretrain_assets
+    job = sbatch(ROOT / "slurm" / "pretrain.sh", [str(PRETRAIN_PRESET), *overrides(6)], root,
+                 job_env(RUN_ROOT=str(root / "runs")), cwd=ROOT)
+    info = wait_for_job(job, 240)
+    run_dir = root / "runs" / f"pretrain-{job}"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", show_logs(run_dir)
+    assert [r["step"] for r in loss_steps(run_dir)] == [1, 2, 3, 4, 5, 6]
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["world_size"] == 2, env
+    assert_exported(run_dir, 6)
+    assert {p.name for p in (run_dir / "logs").iterdir()} == {f"{job}.out", f"{job}-rank0.out", f"{job}-rank1.out"}
+
+
+@pytest.mark.timeout(300)
+def test_sbatch_pretrain_preempted_saves_requeues_and_finishes_without_lost_steps(slurm_cluster, pretrain_assets):
+    root, overrides = pretrain_assets
+    steps = 60  # a few seconds of steps after a ~30 s start: the signal lands mid-run
+    job = sbatch(ROOT / "slurm" / "pretrain.sh", [str(PRETRAIN_PRESET), *overrides(steps)], root,
+                 job_env(RUN_ROOT=str(root / "runs")), cwd=ROOT)
+    run_dir = root / "runs" / f"pretrain-{job}"
+
+    def training():
+        if job_info(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
+            pytest.fail(f"job {job} ended before it was signalled\n{show_logs(run_dir)}")
+        return len(loss_steps(run_dir)) >= 2
+    wait_for(training, 180, "2 logged steps")
+    assert run(["scancel", "--signal=USR1", job]).returncode == 0  # what --signal=USR1@120 does
+    info = wait_for_job(job, 240)
+    logs = show_logs(run_dir)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", logs
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    preempted = [r for r in records if r.get("event") == "preempted"]
+    assert len(preempted) == 1 and preempted[0]["step"] < steps, logs
+    stop = preempted[0]["step"]
+    # every step trained exactly once: 1..stop before the requeue, stop+1..steps after it
+    assert [r["step"] for r in loss_steps(run_dir)] == list(range(1, steps + 1)), logs
+    end = [r for r in records if r.get("event") == "end"]
+    assert len(end) == 1 and end[0]["step"] == steps and end[0]["samples"] == steps * 16, end
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
+    assert_exported(run_dir, steps)
+    batch_log = (run_dir / "logs" / f"{job}.out").read_text()
+    assert "scontrol requeue" in batch_log and "restart 1" in batch_log
+    assert "resumed_from_step" in (run_dir / "environment.json").read_text()
+    assert json.loads((run_dir / "environment.json").read_text())["resumed_from_step"] == stop
+
+
+# -- mimkit submit: the CLI through submitit, on the test Slurm and with the local executor --------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("executor", ["slurm", "local"])
+def test_mimkit_submit_runs_pretrain(request, pretrain_assets, executor, tmp_path, monkeypatch):
+    if executor == "slurm":
+        request.getfixturevalue("slurm_cluster")
+    root, overrides = pretrain_assets
+    name = f"submit-{executor}"
+    for key, value in job_env().items():
+        monkeypatch.setenv(key, value)
+    cmd = [sys.executable, "-m", "mimkit.cli", "submit", "pretrain", str(PRETRAIN_PRESET), *overrides(4),
+           f"run.name={name}", "--executor", executor, "--nodes", "1", "--gpus-per-node", "0",
+           "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10", "--wait"]
+    out = run(cmd, timeout=280, cwd=tmp_path)
+    run_dir = root / "runs" / name
+    assert out.returncode == 0, out.stdout + out.stderr
+    printed = dict(re.findall(r"^(\w[\w ]*?):\s+(.*)$", out.stdout, re.M))
+    assert printed["job id"].split()[0].isdigit() and f"({executor})" in printed["job id"]
+    assert Path(printed["stdout"]).is_file() and printed["run"] == str(run_dir)
+    assert printed["result"] == str(run_dir)
+    assert [r["step"] for r in loss_steps(run_dir)] == [1, 2, 3, 4]
+    assert json.loads((run_dir / "environment.json").read_text())["world_size"] == 2
+    assert_exported(run_dir, 4)

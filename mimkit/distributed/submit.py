@@ -175,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
         params.update(slurm_signal_delay_s=args.signal_delay, slurm_additional_parameters={"requeue": True})
         if args.partition:
             params["slurm_partition"] = args.partition
-    elif executor.cluster == "local":
-        params.update(local_signal_delay_s=args.signal_delay)
     executor.update_parameters(**params)
     job = executor.submit(StageJob(args.stage, args.config, args.overrides, os.getcwd()))
     _, run_name, _ = split_run_overrides(args.overrides, args.stage, job.job_id)
