@@ -34,7 +34,8 @@ log() { echo "[slurm_cluster] $*" >&2; }
 alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 
 recorded_pid() {  # recorded_pid NAME -> the PID this script started for NAME, if any
-  [ -f "$PIDS" ] && awk -v n="$1" '$1 == n { print $2 }' "$PIDS" | tail -n 1
+  [ -f "$PIDS" ] || return 0
+  awk -v n="$1" '$1 == n { print $2 }' "$PIDS" | tail -n 1
 }
 
 write_conf() {
@@ -114,6 +115,8 @@ cmd_start() {
     log "already running"; cmd_status; return 0
   fi
   command -v slurmctld >/dev/null || { log "slurmctld not installed: bash scripts/setup.sh"; exit 1; }
+  # Half a cluster from an earlier start (a daemon died): end what is left of it, start afresh.
+  [ -f "$PIDS" ] && cmd_stop
   : > "$PIDS"
   write_conf
   start_munge
@@ -138,13 +141,18 @@ cmd_start() {
   exit 1
 }
 
-stop_pid() {  # TERM, then KILL after 10 s
-  local name=$1 pid=$2
-  alive "$pid" || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 100); do alive "$pid" || { log "stopped $name ($pid)"; return 0; }; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  log "killed $name ($pid)"
+stop_pids() {  # stop_pids NAME...: TERM them all (slurmd takes seconds), then KILL what is left after 10 s
+  local name pid termed=()
+  for name in "$@"; do
+    pid=$(recorded_pid "$name")
+    if alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; termed+=("$name"); fi
+  done
+  for name in "${termed[@]}"; do
+    pid=$(recorded_pid "$name")
+    for _ in $(seq 100); do alive "$pid" || break; sleep 0.1; done
+    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; log "killed $name ($pid)"
+    else log "stopped $name ($pid)"; fi
+  done
 }
 
 cmd_stop() {
@@ -154,9 +162,8 @@ cmd_stop() {
     scancel --full $(squeue -h -o %i 2>/dev/null) >/dev/null 2>&1 || true
     for _ in $(seq 100); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.1; done
   fi
-  for name in slurmd slurmctld munged; do
-    stop_pid "$name" "$(recorded_pid "$name")"
-  done
+  stop_pids slurmd slurmctld
+  stop_pids munged
   rm -f "$PIDS"
 }
 
