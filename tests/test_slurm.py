@@ -273,8 +273,8 @@ def test_sbatch_script_refuses_to_run_outside_slurm(tmp_path):
 def test_submit_cli_parses_options_and_overrides():
     from mimkit.distributed.submit import build_parser, split_run_overrides
 
-    args = build_parser().parse_args(["pretrain", "c.yaml", "optim.lr=1e-3", "run.name=x", "--nodes", "4",
-                                      "--gpus-per-node", "8", "--executor", "slurm", "--partition", "gpu"])
+    args = build_parser().parse_intermixed_args(["pretrain", "c.yaml", "optim.lr=1e-3", "--nodes", "4", "run.name=x",
+                                                 "--gpus-per-node", "8", "--executor", "slurm", "--partition", "gpu"])
     assert (args.stage, args.config, args.nodes, args.gpus_per_node, args.partition) == ("pretrain", "c.yaml", 4, 8, "gpu")
     assert split_run_overrides(args.overrides, "pretrain", "77") == ("runs", "x", ["optim.lr=1e-3"])
     assert split_run_overrides(["a=1"], "finetune", "77") == ("runs", "finetune-77", ["a=1"])

@@ -138,20 +138,21 @@ class StageJob:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mimkit submit", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="mimkit submit", description="Submit a stage to Slurm (or run it on this "
+                                "machine) through submitit, with preemption: save, requeue, resume.")
     p.add_argument("stage", choices=STAGES)
     p.add_argument("config", help="the stage's YAML config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides for the stage")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node (default: GPUs per node, at least 1)")
-    p.add_argument("--cpus-per-task", type=int, default=10)
-    p.add_argument("--time", type=int, default=24 * 60, help="time limit in minutes")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--signal-delay", type=int, default=120, help="seconds between the warning signal and the end")
+    p.add_argument("--cpus-per-task", type=int, default=10, help="CPUs per rank (default 10)")
+    p.add_argument("--time", type=int, default=24 * 60, help="time limit in minutes (default 1440)")
+    p.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
+    p.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds between the warning signal and the end (default 120)")
     p.add_argument("--executor", choices=("auto", "slurm", "local"), default="auto",
-                   help="auto: Slurm when srun is on PATH, else local")
+                   help="auto (default): Slurm when srun is on PATH, else local")
     p.add_argument("--folder", default=None, help="submitit's logs and pickles (default RUN_ROOT/submitit/%%j)")
     p.add_argument("--name", default=None, help="Slurm job name (default: the stage)")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
@@ -161,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import submitit
 
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    # `mimkit submit ... --nodes 2 run.name=x` works too: argparse leaves overrides after options alone.
+    # intermixed: overrides may come before or after the options (`... c.yaml a=1 --nodes 2 b=2`)
+    args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     run_root, _, _ = split_run_overrides(args.overrides, args.stage, "")
     folder = args.folder or str(Path(run_root) / "submitit" / "%j")
     cluster = None if args.executor == "auto" else args.executor
