@@ -16,7 +16,8 @@ from mimkit.finetune.trainer import train
 def compare(init: str, config: str, overrides: list[str]) -> dict:
     rows = {}
     for name, value in (("pretrained", init), ("scratch", "")):
-        cfg = load_config(FinetuneConfig, config, [*overrides, f"model.init={value}", "run.resume=none"])
+        cfg = load_config(FinetuneConfig, config, [*overrides, "run.resume=none"])
+        cfg.model.init = value
         cfg.run.name = f"{cfg.run.name}_{name}"
         rows[name] = train(cfg)
     return rows

@@ -49,7 +49,7 @@ class AugmentConfig:
     enabled: bool = True  # False: the eval transform for training too (tests, probes)
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: float = 0.5
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; None: off
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1-mmax9"  # timm RandAugment; mmax9: at level 10 inc posterize asks PIL for 0 bits (an error in current Pillow)
     color_jitter: Optional[float] = None
     reprob: float = 0.25  # random erasing
     mixup: float = 0.8
