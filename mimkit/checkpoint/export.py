@@ -296,6 +296,14 @@ def _method_section(cfg: dict) -> Any:
     return cfg.get(key) or {}
 
 
+def _teacher_of(cfg: dict) -> Any:
+    """The teacher section, only when the objective regresses its features (MAE's section keeps unused defaults)."""
+    section = _method_section(cfg)
+    if isinstance(section, dict) and section.get("target", "clip") != "clip":
+        return None
+    return _find_section(section, "teacher")
+
+
 def shard_list_hash(spec: str) -> dict[str, Any]:
     """sha256 of the sorted shard names and sizes (the data a run saw), or of the spec when they are gone."""
     if not spec:
@@ -378,7 +386,7 @@ def export_run(run_dir: str | os.PathLike, step: Optional[int] = None, timm: boo
                        "interpolation": data.get("interpolation")},
         "method": method_of(cfg),
         "tokenizer": _find_section(_method_section(cfg), "tokenizer"),
-        "teacher": _find_section(_method_section(cfg), "teacher"),
+        "teacher": _teacher_of(cfg),
         "step": int(client.get("step", _STEP_TAG.match(tag_dir.name).group(1) if _STEP_TAG.match(tag_dir.name) else 0)),
         "samples_seen": client.get("samples", client.get("samples_seen")),
         "shards": shard_list_hash(str(data.get("shards", ""))),
