@@ -362,6 +362,11 @@ def save_masking_picture(path, images01: torch.Tensor, grid, mask: torch.Tensor,
 
 
 def build_teacher(cfg: TeacherConfig) -> CLIPTeacher:
+    # The paper presets leave `pretrained` empty for the user to fill; None (random weights) is meant only
+    # for benchmarks. An empty string would silently give a random teacher: refuse it.
+    if cfg.model_cfg is None and cfg.pretrained is not None and not str(cfg.pretrained).strip():
+        raise ValueError(f"teacher.pretrained is empty: set it to an open_clip tag for {cfg.model_name} that is "
+                         "in your cache (e.g. openai, with teacher.cache_dir) or to a checkpoint file")
     return CLIPTeacher(cfg.model_name, pretrained=cfg.pretrained, model_cfg=cfg.model_cfg,
                        precision=cfg.precision, cache_dir=cfg.cache_dir)
 

@@ -1,19 +1,48 @@
 """MILAN / MAE / EVA objectives: masks follow the teacher's attention, the teacher sees CLIP's
-normalisation, losses are what the papers say, masks are reproducible on resume, the loss falls."""
+normalisation, losses are what the papers say, masks are reproducible on resume, the loss falls; the
+presets load; and the real pretrain trainer on 2 DeepSpeed ranks: MILAN's loss falls, a killed run
+resumes to the uninterrupted run's losses, the export is the encoder alone; MAE and EVA run end to end."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from mimkit.config import load_config
+from mimkit.data.demo import make_demo_data
 from mimkit.models.clip_teacher import tiny_open_clip_cfg
 from mimkit.models.vit import VisionTransformer, preset
 from mimkit.pretrain.eva import EvaConfig
 from mimkit.pretrain.mae import MaeConfig
-from mimkit.pretrain.milan import (MaskedRegressionModel, MilanConfig, TeacherConfig, build_parts,
+from mimkit.optim import resolve_lr
+from mimkit.pretrain.config import PretrainConfig
+from mimkit.pretrain.milan import (MaskedRegressionModel, MilanConfig, TeacherConfig, build_parts, build_teacher,
                                    cosine_distance, patchify, save_masking_picture)
+from mimkit.pretrain.objectives import build_objective
+from mimkit.runlog import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ROOT / "configs" / "pretrain"
+_spec = importlib.util.spec_from_file_location("mimkit_test_distributed", Path(__file__).with_name("distributed.py"))
+_helper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_helper)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SMALL_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=4, decoder_mlp_ratio=2.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads per op
+    make each step 10-40x slower (measured): one thread for this module's in-process tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _tiny(cfg_cls, mask_token=False, **overrides):
@@ -162,97 +191,164 @@ def test_picture_shows_attention_visible_patches_and_error(tmp_path):
     assert via_targets.stat().st_size > 1000
 
 
-# ---- 2 ranks, real DeepSpeed ZeRO-2 over gloo: loss falls, kill + resume, export ------------------
-# The pretrain trainer (pretrain/trainer.py) was not in the tree when this was written: the worker below
-# drives the same pieces it uses (Engine, CheckpointStore, export_run) with the objective's (model, targets).
+# ---- presets ---------------------------------------------------------------------------------------
 
-WORKER = r'''
-import json, os, sys
-import torch
-from mimkit.checkpoint.store import CheckpointStore
-from mimkit.distributed.engine import Engine, EngineConfig
-from mimkit.models.clip_teacher import tiny_open_clip_cfg
-from mimkit.models.vit import VisionTransformer, preset
-from mimkit.optim import param_groups
-from mimkit.pretrain.milan import MilanConfig, TeacherConfig, build_parts
-
-run_dir, total, stop_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-torch.manual_seed(0)  # same init on every rank
-cfg = MilanConfig(decoder_dim=32, decoder_depth=1, decoder_heads=4, decoder_mlp_ratio=2.0,
-                  teacher=TeacherConfig(model_cfg=tiny_open_clip_cfg()))
-model, targets = build_parts(cfg, VisionTransformer(preset("vit_tiny_cpu", pos_embed="sincos")),
-                             (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-engine = Engine(model, param_groups(model, 0.05), EngineConfig(zero_stage=2), micro_batch_size=4, lr=3e-3)
-engine.set_schedule(3e-3, 0.05)
-store = CheckpointStore(os.path.join(run_dir, "checkpoints"))
-start = 0
-loaded = store.load(engine, "auto")
-if loaded is not None:
-    client, _ = loaded
-    start = client["step"]
-    targets.load_state_dict(client["targets"])
-losses = {}
-for step in range(start, total):
-    g = torch.Generator().manual_seed(1000 * engine.rank + step % 2)  # two fixed batches per rank
-    batch = engine.to_model({"image": torch.randn(4, 3, 32, 32, generator=g)})
-    with torch.no_grad():
-        t = targets(batch)
-    out = engine(batch, t)
-    engine.train_step(out["loss"])
-    losses[step + 1] = float(out["loss"].detach())
-    if step + 1 == stop_at:
-        store.save(engine, step + 1, {"targets": targets.state_dict()})
-        break
-if engine.rank == 0:
-    with open(os.path.join(run_dir, f"losses_{start}.json"), "w") as f:
-        json.dump(losses, f)
-'''
+MIM_PRESETS = sorted(p.name for p in PRESETS.glob("*.yaml") if p.name.startswith(("milan_", "mae_", "eva_")))
+IMAGENET_TRAIN = 1_281_167
 
 
-def _torchrun(tmp_path, run_dir, total, stop_at):
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(script), str(run_dir), str(total), str(stop_at)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_the_presets_are_all_there():
+    assert MIM_PRESETS == ["eva_tiny_cpu.yaml", "mae_tiny_cpu.yaml", "milan_tiny_cpu.yaml", "milan_vit_b16.yaml",
+                           "milan_vit_l16.yaml"]
 
 
-def test_two_rank_deepspeed_loss_falls_resume_reproduces_and_export_is_encoder_only(tmp_path):
-    import json
+@pytest.mark.parametrize("name", MIM_PRESETS)
+def test_preset_loads_with_every_section(name):
+    cfg = load_config(PretrainConfig, PRESETS / name)
+    objective = name.split("_")[0]
+    assert cfg.objective == objective
+    assert cfg.data.tok_size is None  # one view: no tokenizer view for these objectives
+    assert cfg.model.pos_embed == "sincos" and cfg.engine.zero_stage in (1, 2)
+    assert cfg.optim.base_batch_size == 256 and cfg.optim.weight_decay == 0.05 and cfg.optim.warmup_steps > 0
+    section = getattr(cfg, objective)
+    if name.endswith("_cpu.yaml"):
+        assert cfg.engine.precision == "fp32" and cfg.model.img_size == cfg.data.image_size == 32
+        assert cfg.run.steps <= 200 and cfg.run.export
+        torch.manual_seed(0)
+        model, targets = build_objective(cfg)  # tiny random teacher: nothing downloaded
+        assert tuple(targets.grid) == (4, 4) and model.encoder.embed_dim == 64
+    else:  # the paper's recipe (FIELD_NOTES.md, MILAN)
+        steps_per_epoch = IMAGENET_TRAIN // 4096
+        assert cfg.run.steps == 400 * steps_per_epoch and cfg.optim.warmup_steps == 40 * steps_per_epoch
+        assert cfg.data.batches_per_epoch == steps_per_epoch and cfg.engine.grad_accum == 1
+        assert 4096 % cfg.data.batch_size == 0  # 4096 / batch_size ranks
+        assert math.isclose(resolve_lr(cfg.optim.lr, 4096, cfg.optim.base_batch_size), 2.4e-3)
+        assert tuple(cfg.optim.betas) == (0.9, 0.95) and cfg.optim.min_lr == 0.0
+        assert cfg.engine.precision == "bf16" and cfg.model.img_size == 224 and cfg.model.patch_size == 16
+        assert (section.mask_source, section.mask_ratio, section.target) == ("guided", 0.75, "clip")
+        assert (section.decoder, section.decoder_depth, section.decoder_dim) == ("prompting", 8, 512)
+        assert (section.loss, section.loss_on) == ("cosine", "all")
+        assert section.teacher.model_name == "ViT-B-16" and section.teacher.model_cfg is None
+        assert section.teacher.pretrained == ""  # the user sets it: a random CLIP must never be the teacher
+        with pytest.raises(ValueError, match="pretrained is empty"):
+            build_teacher(section.teacher)  # refused before open_clip is touched
 
+
+# ---- the real trainer on 2 ranks (DeepSpeed ZeRO-2 over gloo) ----------------------------------------
+# Two launches in all. The first runs, one after the other in the same process group
+# (tests/dist_scripts/run_milan.py): the uninterrupted MILAN reference, a few MAE and EVA steps, then a
+# MILAN run that rank 1 SIGKILLs after step 5 (its last checkpoint is step 4); that kill ends the launch.
+# The second resumes the killed run (resume: auto) to step 8.
+
+STEPS, SAVE_EVERY, KILL_AT = 8, 4, 5
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("milan2r")
+    data = make_demo_data(root / "demo", image_size=32, images_per_class=12, val_per_class=1, images_per_shard=16)
+    return root, data.train_shard_pattern
+
+
+def _args(demo, preset, name, **extra):
+    root, shards = demo
+    base = {"data.shards": shards, "run.root": root / "runs", "run.name": name, "run.log_every": 1,
+            "data.num_workers": 0, "data.batch_size": 8, "data.batches_per_epoch": 5, "optim.warmup_steps": 1,
+            "run.export": False}
+    base.update(extra)
+    return ["--config", PRESETS / preset, *(f"{k}={v}" for k, v in base.items())]
+
+
+def _milan_args(demo, name, **extra):
+    return _args(demo, "milan_tiny_cpu.yaml", name, **{"run.steps": STEPS, "run.save_every": SAVE_EVERY, **extra})
+
+
+def _launch(demo, args, check):
+    return _helper.run_torchrun(_helper.SCRIPTS / "run_milan.py", args, cwd=demo[0], timeout=300, check=check)
+
+
+@pytest.fixture(scope="module")
+def first_launch(demo):
+    args = [*_milan_args(demo, "reference", **{"run.export": True}),
+            "--then", *_args(demo, "mae_tiny_cpu.yaml", "mae", **{"run.steps": 3, "run.save_every": 3}),
+            "--then", *_args(demo, "eva_tiny_cpu.yaml", "eva", **{"run.steps": 3, "run.save_every": 3}),
+            "--then", *_milan_args(demo, "resumed", **{"debug.kill_at_step": KILL_AT})]
+    proc = _launch(demo, args, check=False)
+    return demo[0] / "runs", proc
+
+
+def _ended(run_dir, proc):
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    assert records and records[-1].get("event") == "end", f"{run_dir.name} did not end:\n{proc.stdout[-6000:]}"
+    return records
+
+
+def losses_by_step(run_dir):
+    """The last logged loss of each step (a resumed run logs its steps again)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_two_rank_milan_loss_falls_and_export_is_encoder_only(first_launch):
     from safetensors.torch import load_file
 
-    from mimkit.checkpoint.export import export_run
+    from mimkit.models.vit import VisionTransformer
 
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    full.mkdir(), resumed.mkdir()
-    _torchrun(tmp_path, full, total=8, stop_at=8)              # uninterrupted, saves at the end
-    _torchrun(tmp_path, resumed, total=8, stop_at=4)           # "killed" after the step-4 checkpoint
-    _torchrun(tmp_path, resumed, total=8, stop_at=8)           # resumed from it
-    uninterrupted = {int(k): v for k, v in json.loads((full / "losses_0.json").read_text()).items()}
-    second_half = {int(k): v for k, v in json.loads((resumed / "losses_4.json").read_text()).items()}
-    assert sorted(second_half) == [5, 6, 7, 8]
-    for step, loss in second_half.items():
-        assert abs(loss - uninterrupted[step]) < 1e-5, (step, loss, uninterrupted[step])
-    assert uninterrupted[7] + uninterrupted[8] < uninterrupted[1] + uninterrupted[2] - 0.05, uninterrupted
+    runs, proc = first_launch
+    run_dir = runs / "reference"
+    end = _ended(run_dir, proc)[-1]
+    assert end["batches_per_rank"] == [STEPS, STEPS] and end["skipped_steps"] == 0
+    losses = losses_by_step(run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS - 1] + losses[STEPS] < losses[1] + losses[2] - 0.3, losses  # 2 - 2 cos: ~2.0 -> ~1.5
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["objective"] == "milan" and env["world_size"] == 2 and env["zero_stage"] == 2
+    assert list((run_dir / "pictures").glob("masks_*.png"))  # attention / visible patches / error picture
 
-    (full / "config.yaml").write_text(
-        "objective: milan\nmodel: {img_size: 32, patch_size: 8, embed_dim: 64, depth: 2, num_heads: 4, "
-        "pos_embed: sincos}\ndata: {mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}\n"
-        "milan: {teacher: {model_name: tiny-random}}\n")
-    export = export_run(full)
-    keys = set(load_file(str(export / "model.safetensors")))
-    assert keys == set(VisionTransformer(preset("vit_tiny_cpu", pos_embed="sincos")).state_dict())
-    assert not any(k.startswith(("decoder", "teacher", "visual", "encoder.")) for k in keys)
-    meta = json.loads((export / "mimkit.json").read_text())
-    assert meta["method"] == "milan" and meta["teacher"]["model_name"] == "tiny-random"
+    cfg = load_config(PretrainConfig, PRESETS / "milan_tiny_cpu.yaml")
+    torch.manual_seed(0)  # the trainer's seed: the encoder's initial weights
+    initial = VisionTransformer(cfg.model).state_dict()
+    exported = load_file(str(run_dir / "export" / "model.safetensors"))
+    assert set(exported) == set(initial)  # the student encoder, nothing else
+    assert not any(k.startswith(("decoder", "teacher", "visual", "encoder.", "module.")) for k in exported)
+    assert not torch.equal(exported["blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])  # trained
+    meta = json.loads((run_dir / "export" / "mimkit.json").read_text())
+    assert meta["method"] == "milan" and meta["teacher"]["model_name"] == "tiny-random" and meta["step"] == STEPS
+
+
+def test_two_rank_milan_killed_run_resumes_to_the_uninterrupted_losses(first_launch, demo):
+    runs, proc = first_launch
+    reference, run_dir = runs / "reference", runs / "resumed"
+    _ended(reference, proc)
+    assert proc.returncode != 0  # the kill ended the first launch
+    last = read_metrics(run_dir)[-1]
+    assert last["step"] == KILL_AT and "event" not in last, proc.stdout[-6000:]  # died before step 6's forward
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{SAVE_EVERY:08d}"
+
+    proc = _launch(demo, _milan_args(demo, "resumed"), check=True)  # resume: auto, from step 4
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["resumed_from_step"] == SAVE_EVERY
+    assert _ended(run_dir, proc)[-1]["batches_per_rank"] == [STEPS - SAVE_EVERY] * 2
+    expected, resumed = losses_by_step(reference), losses_by_step(run_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    # exact (fp32): the same weights, optimizer state, data position and masks (the targets' draw count
+    # travels in the checkpoint's per-rank client state) as the uninterrupted run
+    after = range(SAVE_EVERY + 1, STEPS + 1)
+    assert [resumed[s] for s in after] == [expected[s] for s in after]
+
+
+@pytest.mark.parametrize("objective", ["mae", "eva"])
+def test_two_rank_objective_trains_through_the_trainer(first_launch, objective):
+    runs, proc = first_launch
+    run_dir = runs / objective
+    records = _ended(run_dir, proc)
+    assert records[-1]["batches_per_rank"] == [3, 3] and records[-1]["skipped_steps"] == 0
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in steps)
+    assert {"loss_masked", "loss_visible"} <= set(steps[-1])
+    if objective == "mae":  # MSE on normalised pixels, masked patches only
+        assert math.isclose(steps[0]["loss"], steps[0]["loss_masked"], rel_tol=1e-6) and 0.5 < steps[0]["loss"] < 3
+    else:  # negative cosine on masked tokens
+        assert math.isclose(steps[0]["loss"], steps[0]["loss_masked"], rel_tol=1e-6) and -1 <= steps[0]["loss"] <= 1
+    assert json.loads((run_dir / "environment.json").read_text())["objective"] == objective
+    assert (run_dir / "checkpoints" / "step_00000003" / "complete.json").is_file()
