@@ -1,0 +1,144 @@
+"""The tokenizers stage for real: 2 ranks over gloo, DeepSpeed ZeRO-2, tiny models, the demo shards.
+
+One ``torchrun`` launch trains every tokenizer in turn through the stage's CLI entry (``main(argv)``,
+what ``python tokenizers`` calls), so process start-up and DeepSpeed's import are paid once:
+dVAE, PeCo and VQ-KD with dead-code restarts on, and PeCo and VQ-KD with them off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimkit.config import parse_cli
+from mimkit.data.demo import make_demo_data
+from mimkit.models.tokenizer_export import load_tokenizer
+from mimkit.runlog import read_metrics
+from mimkit.tokenizers.config import TokenizerTrainConfig
+from mimkit.tokenizers.trainer import CHECK_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "tokenizers"
+RUNS = {  # run name -> (preset, extra overrides)
+    "dvae": ("dvae_tiny_cpu.yaml", []),
+    "peco": ("peco_tiny_cpu.yaml", []),
+    "peco_norestart": ("peco_tiny_cpu.yaml", ["peco.codebook.restart_dead=false"]),
+    "vqkd": ("vqkd_tiny_cpu.yaml", []),
+    "vqkd_norestart": ("vqkd_tiny_cpu.yaml", ["vqkd.codebook.restart_dead=false"]),
+}
+DRIVER = """
+import json, sys
+from mimkit.tokenizers.cli import main
+for argv in json.loads(sys.argv[1]):
+    main(argv)
+"""
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo_data(tmp_path_factory.mktemp("demo") / "data")
+
+
+@pytest.fixture(scope="module")
+def runs(demo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok_runs")
+    argvs = [["--config", str(CONFIGS / preset), f"data.shards={demo.train_shard_pattern}", f"run.root={root}",
+              f"run.name={name}", "run.resume=none", *extra] for name, (preset, extra) in RUNS.items()]
+    driver = root / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733",
+           str(driver), json.dumps(argvs)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {name: root / name for name in RUNS}
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def final_usage(run_dir: Path) -> float:
+    return [r["codebook_usage"] for r in read_metrics(run_dir) if "codebook_usage" in r][-1]
+
+
+def held_out_images(demo, size: int, count: int = 32) -> torch.Tensor:
+    """Validation images (never in the training shards) at ``size``, in [0, 1]: [B, 3, size, size]."""
+    files = sorted(Path(demo.imagefolder_val).rglob("*.jpg"))[:count]
+    arrays = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)) for f in files]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over images of the PSNR (peak 1.0)."""
+    mse = (a - b).pow(2).mean(dim=(1, 2, 3))
+    return float((10 * torch.log10(1.0 / mse)).mean())
+
+
+@pytest.mark.parametrize("name", ["dvae", "peco", "vqkd"])
+def test_loss_falls(runs, name):
+    values = losses(runs[name])
+    assert len(values) >= 6
+    first, last = np.mean(values[:2]), np.mean(values[-3:])
+    print(f"{name}: loss {first:.4f} -> {last:.4f}")
+    assert last < first * 0.9, values
+
+
+@pytest.mark.parametrize("name", ["dvae", "peco"])
+def test_reconstruction_beats_constant_colour(runs, demo, name):
+    tok = load_tokenizer(runs[name] / "export")  # the export carries the decoder (preset: include_decoder)
+    x = held_out_images(demo, tok.input_size[0])
+    recon = tok.model.decode_ids(tok.tokenize(tok.normalize(x)))
+    mean = torch.tensor(tok.mean).view(1, 3, 1, 1)
+    std = torch.tensor(tok.std).view(1, 3, 1, 1)
+    recon = (recon * std + mean).clamp(0, 1)
+    ours = psnr(recon, x)
+    constant = psnr(x.mean(dim=(0, 2, 3), keepdim=True).expand_as(x), x)  # best single colour for the batch
+    per_image = psnr(x.mean(dim=(2, 3), keepdim=True).expand_as(x), x)  # each image's own mean colour
+    print(f"{name}: PSNR {ours:.2f} dB, constant colour {constant:.2f} dB, per-image colour {per_image:.2f} dB")
+    assert ours > constant + 1.0
+
+
+@pytest.mark.parametrize("name", ["peco", "vqkd"])
+def test_dead_code_restarts_keep_the_codebook_used(runs, name):
+    on, off = final_usage(runs[name]), final_usage(runs[f"{name}_norestart"])
+    print(f"{name}: codebook usage {on:.1%} with restarts, {off:.1%} without")
+    assert on > 0.5
+    assert on > off + 0.1
+
+
+@pytest.mark.parametrize("name", ["dvae", "peco", "vqkd"])
+def test_export_gives_the_trainer_ids(runs, name):
+    tok = load_tokenizer(runs[name] / "export")
+    check = torch.load(runs[name] / CHECK_FILE, weights_only=True)
+    assert torch.equal(tok.tokenize(check["images"]), check["ids"])
+    info = json.loads((runs[name] / "export" / "mimkit.json").read_text())
+    assert info["kind"] == name and tuple(info["grid"]) == tuple(check["ids"].shape[1:])
+    assert {"input_size", "interpolation", "mean", "std", "vocab_size", "data_shards_hash"} <= set(info)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(runs[name] / "export" / "model.safetensors")).keys()
+    assert not any(k.startswith(("module.", "tokenizer.", "teacher", "discriminator")) for k in keys)
+    if name == "vqkd":  # BEiT targets: no decoder unless asked, never the teacher
+        assert not any(k.startswith(("decoder.", "decode_task_layer.")) for k in keys)
+        assert info["teacher"]["library"] == "open_clip"
+
+
+def test_pictures_and_usage_histogram_written(runs):
+    for name in ("dvae", "peco"):
+        assert list((runs[name] / "pictures").glob("recon_*.png"))
+    for name in RUNS:
+        assert list((runs[name] / "pictures").glob("codebook_usage_*.png"))
+
+
+def test_cli_rejects_an_unknown_key():
+    with pytest.raises(SystemExit):
+        parse_cli(TokenizerTrainConfig, ["--config", str(CONFIGS / "peco_tiny_cpu.yaml"), "peco.codebok.beta=1"])
