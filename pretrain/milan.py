@@ -256,7 +256,12 @@ class MaskedRegressionTargets:
         images = batch["image"]
         mean = torch.tensor(self.pixel_mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(self.pixel_std, device=images.device).view(1, 3, 1, 1)
-        error = model.per_patch_error(batch, targets)
+        was_training = model.training
+        model.eval()  # no drop path: a picture must not draw from the training RNG (resume would diverge)
+        try:
+            error = model.per_patch_error(batch, targets)
+        finally:
+            model.train(was_training)
         return save_masking_picture(path, images.float() * std + mean, self.grid, targets["mask"],
                                     targets.get("cls_attention"), error)
 

@@ -191,6 +191,23 @@ def test_picture_shows_attention_visible_patches_and_error(tmp_path):
     assert via_targets.stat().st_size > 1000
 
 
+def test_picture_leaves_the_training_rng_and_mode_alone(tmp_path):
+    """The trainer draws a picture at a resumed run's first step: with drop path on, a forward in training
+    mode there would consume RNG the uninterrupted run did not, and the resumed losses would drift."""
+    torch.manual_seed(0)
+    cfg = MilanConfig(teacher=TeacherConfig(model_cfg=tiny_open_clip_cfg()), **SMALL_DECODER)
+    encoder = VisionTransformer(preset("vit_tiny_cpu", pos_embed="sincos", drop_path=0.5))
+    model, targets = build_parts(cfg, encoder, IMAGENET_MEAN, IMAGENET_STD)
+    batch = {"image": _normalised(torch.rand(2, 3, 32, 32))}
+    out = targets(batch)
+    state = torch.get_rng_state()
+    model.per_patch_error(batch, out)
+    assert not torch.equal(torch.get_rng_state(), state)  # the control: drop path draws in training mode
+    state = torch.get_rng_state()
+    targets.picture(model, batch, out, tmp_path / "p.png")
+    assert torch.equal(torch.get_rng_state(), state) and model.training
+
+
 # ---- presets ---------------------------------------------------------------------------------------
 
 MIM_PRESETS = sorted(p.name for p in PRESETS.glob("*.yaml") if p.name.startswith(("milan_", "mae_", "eva_")))
