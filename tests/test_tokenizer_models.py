@@ -173,3 +173,33 @@ def test_teacher_tokens_are_resized_to_the_tokenizer_grid():
     tokens = torch.randn(2, 1 + 64, 5)  # CLS + 8x8 patches
     assert align_teacher_tokens(tokens, (4, 4)).shape == (2, 16, 5)
     assert torch.equal(align_teacher_tokens(tokens, (8, 8)), tokens[:, 1:])
+
+
+def test_perceptual_loss_is_zero_on_identical_images_and_moves_only_the_reconstruction():
+    from mimkit.models.clip_teacher import build_open_clip_visual, tiny_open_clip_cfg
+    from mimkit.tokenizers.losses import PerceptualLoss, open_clip_features
+
+    torch.manual_seed(0)
+    visual, pre = build_open_clip_visual("tiny", model_cfg=tiny_open_clip_cfg())
+    loss = PerceptualLoss(visual, open_clip_features(visual, [0, 1]), (32, 32), pre["mean"], pre["std"],
+                          [0.5] * 3, [0.5] * 3)
+    x = torch.randn(2, 3, 64, 64)  # resized to the tower's 32 px inside
+    assert float(loss(x, x)) < 1e-6
+    recon = (x + 0.5 * torch.randn_like(x)).requires_grad_(True)
+    value = loss(x, recon)
+    value.backward()
+    assert value > 0 and recon.grad.abs().sum() > 0
+    assert all(p.grad is None for p in visual.parameters())  # frozen
+
+
+def test_adversarial_terms_push_only_their_own_network():
+    from mimkit.tokenizers.losses import PatchDiscriminator, generator_adversarial_loss, hinge_discriminator_loss
+
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(channels=8, n_layers=2)
+    fake = torch.randn(2, 3, 32, 32, requires_grad=True)
+    generator_adversarial_loss(disc, fake).backward()
+    assert fake.grad.abs().sum() > 0
+    assert all(p.grad is None for p in disc.parameters())  # the generator term leaves D alone
+    hinge_discriminator_loss(disc(torch.randn(2, 3, 32, 32)), disc(fake.detach())).backward()
+    assert all(p.grad is not None for p in disc.parameters())

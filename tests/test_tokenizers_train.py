@@ -104,7 +104,7 @@ def test_reconstruction_beats_constant_colour(runs, demo, name):
     constant = psnr(x.mean(dim=(0, 2, 3), keepdim=True).expand_as(x), x)  # best single colour for the batch
     per_image = psnr(x.mean(dim=(2, 3), keepdim=True).expand_as(x), x)  # each image's own mean colour
     print(f"{name}: PSNR {ours:.2f} dB, constant colour {constant:.2f} dB, per-image colour {per_image:.2f} dB")
-    assert ours > constant + 1.0
+    assert ours > constant + 0.5
 
 
 @pytest.mark.parametrize("name", ["peco", "vqkd"])
