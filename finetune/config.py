@@ -74,6 +74,14 @@ class OptimConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Fault injection for tests."""
+
+    signal_at_step: int = -1  # send SIGUSR1 to this process after this (global) step, as Slurm's warning does...
+    signal_rank: int = 0  # ...on this process (accelerate's process index)
+
+
+@dataclass
 class FinetuneConfig:
     mode: str = "finetune"  # finetune | linprobe (frozen encoder, BatchNorm without affine + linear)
     run: RunConfig = field(default_factory=RunConfig)
@@ -85,6 +93,7 @@ class FinetuneConfig:
     precision: str = "auto"  # auto (bf16 where a GPU is, else fp32) | bf16 | fp32
     cpu: bool = False  # force CPU (tests)
     eval_every: int = 1  # epochs
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 MODES = ("finetune", "linprobe")

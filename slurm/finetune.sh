@@ -26,8 +26,27 @@ MULTI=()
 # mimkit.distributed.env gives the node's task NODE_RANK and MASTER_ADDR (first host of the node
 # list) and MASTER_PORT (from the job id); accelerate turns them into the ranks of its processes.
 # The single quotes are deliberate: the variables expand in each task, after the env module set them.
-mimkit_srun --ntasks-per-node=1 -- bash -c 'exec "$0" -m accelerate.commands.launch \
+#
+# Preemption. --signal=USR1@120 signals every process of the job step: the trainer processes, which
+# save at the next step boundary and exit 75 (finetune/trainer.py), but also the launcher, which has no
+# handler for USR1 and would die of it (default action), leaving Slurm to kill its children mid-save.
+# So the task ignores USR1 (`trap '' USR1`, inherited across exec by the launcher and its children;
+# the trainer installs its own handler first thing). And the requeue does not rest on exit codes:
+# accelerate's launcher reports a process's 75 as its own 1 (torch elastic's ChildFailedError, or
+# CalledProcessError for a single process), so the trainer's main process writes RUN_DIR/requeue
+# once every process has saved (a shared run folder, as the checkpoints need), and this script
+# requeues on that file (on a 75 too, should a launcher ever pass it through). A marker left from
+# before is removed first, so only this launch's preemption counts.
+MARKER=$RUN_DIR/requeue
+[ -n "${MIMKIT_DRY_RUN:-}" ] || rm -f "$MARKER"
+mimkit_srun --ntasks-per-node=1 -- bash -c 'trap "" USR1; exec "$0" -m accelerate.commands.launch \
   --num_machines "$1" --num_processes "$(( $1 * $2 ))" --machine_rank "$NODE_RANK" \
   --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" "${@:3}"' \
   "$PYTHON" "$NNODES" "$PROCS_PER_NODE" "${MULTI[@]}" finetune --config "$CONFIG" "${OVERRIDES[@]}"
-mimkit_finish $?
+rc=$?
+if [ -f "$MARKER" ]; then
+  echo "[mimkit-slurm] $MARKER: $(cat "$MARKER") (launcher exit code $rc)"
+  rm -f "$MARKER"
+  rc=$MIMKIT_REQUEUE_EXIT_CODE
+fi
+mimkit_finish $rc
