@@ -4,8 +4,11 @@
 
 Side by side on the same ImageNet-size JPEGs (about 500 x 375, cut from scikit-image's sample photos):
 
-* mimkit worker mode: tar shards -> `ViewTransform` (draft() decode, one crop box, 224 bicubic +
-  112 lanczos views, flip, jitter, normalise) + block mask, through `build_stream`;
+* mimkit worker mode: tar shards -> `ViewTransform` (draft() decode, one crop box, torch uint8 antialiased
+  224 bicubic view, 112 tokenizer view from it, flip, fused float jitter + normalise) + block mask, through
+  `build_stream`;
+* the same with `tok_approx=False` (tokenizer view by PIL's lanczos from the 224 view instead of torch's
+  antialiased bicubic) and with `backend="pil"` (the previous, all-PIL path: PIL resize, uint8 LUT jitter);
 * torchvision worker mode, stock: `ImageFolder` + `DataLoader` with BEiT's reference composition of
   stock ops (ColorJitter on the full image, flip, crop -> 224 bicubic + 112 lanczos, ToTensor, Normalize);
 * torchvision worker mode, matched: the same order of work as mimkit (jitter on the views, as tensors),
@@ -20,13 +23,19 @@ headline rate divides by this process's CPU time, which other load on a shared m
 
 from __future__ import annotations
 
+import os
+import sys
+
+# bench/tokenize.py shadows the standard library's `tokenize` (imported by numpy via inspect/linecache)
+# when this script runs as `python bench/data.py`, which puts bench/ first on sys.path: drop that entry.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
 import argparse
 import io
 import json
-import os
 import platform
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +47,8 @@ from PIL import Image
 from mimkit.data.shards import write_shards
 from mimkit.data.stream import DataConfig, build_stream, read_tar_samples
 from mimkit.data.transforms import (
-    DALLE_MEAN, DALLE_STD, IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, apply_jitter, normalise, sample_jitter,
+    DALLE_MEAN, DALLE_STD, IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, ViewTransform, apply_jitter, normalise,
+    sample_jitter,
 )
 
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -184,10 +194,12 @@ def bench(args) -> dict:
             lambda: [s for p in tar_files for s in read_tar_samples(p, lambda: True, lambda *a: None)],
             args.images, args.repeats)}
 
-        def mimkit_run(mode: str):
+        def mimkit_run(mode: str, **transform_kw):
             cfg = DataConfig(shards=str(shards), batch_size=args.batch, num_workers=0, batches_per_epoch=batches,
                              shuffle_buffer=100, mode=mode, image_size=args.image_size, tok_size=args.tok_size)
-            loader = build_stream(cfg, mask_fn=mask_fn)
+            transform = ViewTransform(image_size=args.image_size, tok_size=args.tok_size, **transform_kw) \
+                if transform_kw else None
+            loader = build_stream(cfg, transform=transform, mask_fn=mask_fn)
 
             def run():
                 for batch in loader:
@@ -209,6 +221,8 @@ def bench(args) -> dict:
 
         runs = {
             "worker/mimkit": mimkit_run("worker"),
+            "worker/mimkit_tok_lanczos": mimkit_run("worker", tok_approx=False),
+            "worker/mimkit_pil_backend": mimkit_run("worker", backend="pil"),
             "worker/torchvision_stock_beit": torchvision_run(StockBEiTViews(args.image_size, args.tok_size, mask_fn), False),
             "worker/torchvision_matched": torchvision_run(
                 MatchedViews(args.image_size, args.tok_size, False, mask_fn), False),
@@ -220,6 +234,10 @@ def bench(args) -> dict:
             results[name] = rate(run, images, args.repeats)
     speedup = {
         "worker_vs_stock": round(results["worker/mimkit"]["cpu"] / results["worker/torchvision_stock_beit"]["cpu"], 2),
+        "worker_tok_lanczos_vs_stock": round(
+            results["worker/mimkit_tok_lanczos"]["cpu"] / results["worker/torchvision_stock_beit"]["cpu"], 2),
+        "worker_pil_backend_vs_stock": round(
+            results["worker/mimkit_pil_backend"]["cpu"] / results["worker/torchvision_stock_beit"]["cpu"], 2),
         "worker_vs_matched": round(results["worker/mimkit"]["cpu"] / results["worker/torchvision_matched"]["cpu"], 2),
         "device_vs_matched": round(results["device/mimkit"]["cpu"] / results["device/torchvision_matched"]["cpu"], 2),
     }

@@ -128,3 +128,90 @@ def test_tokenizer_view_from_the_image_view_is_close_to_the_direct_resize():
     derived = np.asarray(crop_and_resize(opened(data), box, outputs, small_from_large=True)[1], dtype=float)
     direct = np.asarray(crop_and_resize(opened(data), box, outputs, small_from_large=False)[1], dtype=float)
     assert 0 < np.abs(derived - direct).mean() < 2.0
+
+
+def photo_like_jpeg(width=500, height=375, seed=0) -> bytes:
+    """Textured content (smooth shapes + noise + edges): where resize filters differ most."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 255 // width), (y * 255 // height), ((x // 16 + y // 16) % 2) * 180], -1).astype(float)
+    img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(img).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def _pixels(out, key):
+    """Normalised view back to 0..255 (ImageNet stats for "image", DALL-E map for "image_tok")."""
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) if key == "image" else torch.tensor(1.25)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) if key == "image" else torch.tensor(-0.125)
+    return (out[key] * std + mean) * 255
+
+
+def test_torch_backend_matches_the_pil_reference_and_draws_the_same_randomness():
+    """The fast path (torch uint8 resize, fused float jitter) against the all-PIL reference path: same
+    boxes / flips / jitter (same random draws), pixels within a small mean difference, on plain-size
+    photos, large ones (draft-reduced decode), tiny crops (upsampling) and no-jitter / jitter.
+
+    With a draft()-reduced decode the torch path snaps the box to whole pixels of the reduced image
+    (PIL resamples the fractional box): a shift under one original pixel, which on noisy texture is a
+    large pixel difference, so that case uses smooth content."""
+    cases = [(photo_like_jpeg(), {}), (photo_jpeg(1000, 750), {}), (photo_like_jpeg(320, 240, 2), {}),
+             (photo_like_jpeg(), {"scale": (0.01, 0.02)}), (photo_like_jpeg(375, 500, 3), {"color_jitter": 0.0})]
+    for data, extra in cases:
+        options = dict(extra)
+        for seed in range(4):
+            results = {}
+            for backend in ("torch", "pil"):
+                random.seed(seed)
+                results[backend] = ViewTransform(backend=backend, **options)(opened(data))
+                results[backend + "_next"] = random.random()  # both consumed the same draws
+            assert results["torch_next"] == results["pil_next"]
+            for key, bound in (("image", 1.5), ("image_tok", 2.5)):
+                fast, ref = _pixels(results["torch"], key), _pixels(results["pil"], key)
+                assert fast.shape == ref.shape and fast.is_contiguous()
+                diff = (fast - ref).abs()
+                assert diff.mean() < bound, (extra, seed, key, diff.mean())
+
+
+def test_torch_resize_is_close_to_pil_without_jitter_and_lanczos_stays_available():
+    options = dict(color_jitter=0.0, flip_prob=0.0)
+    data = photo_like_jpeg()
+    outs = {}
+    for name, kw in (("pil", dict(backend="pil")), ("approx", {}), ("lanczos", dict(tok_approx=False))):
+        random.seed(5)
+        outs[name] = ViewTransform(**options, **kw)(opened(data))
+    image_diff = (_pixels(outs["approx"], "image") - _pixels(outs["pil"], "image")).abs().mean()
+    assert image_diff < 0.3  # torch's antialiased bicubic is PIL's filter: rounding differences only
+    assert torch.allclose(outs["approx"]["image"], outs["lanczos"]["image"])
+    lanczos_diff = (_pixels(outs["lanczos"], "image_tok") - _pixels(outs["pil"], "image_tok")).abs().mean()
+    approx_diff = (_pixels(outs["approx"], "image_tok") - _pixels(outs["pil"], "image_tok")).abs().mean()
+    assert lanczos_diff < 0.3  # same PIL lanczos, from a 224 view within rounding of PIL's
+    assert lanczos_diff < approx_diff < 3.0  # bicubic-antialias stand-in for lanczos: close, not equal
+
+
+def test_jitter_normalise_matches_the_float_reference():
+    from mimkit.data.transforms import apply_jitter, jitter_normalise, normalise
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8, generator=g)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    scale, shift = (1 / (255 * std)).view(3, 1, 1), (-mean / std).view(3, 1, 1)
+    for factors, flip in (((1.3, 0.7, 1.2), False), ((0.6, 1.4, 0.6), True), ((1.0, 1.0, 1.0), False)):
+        got = jitter_normalise(x.permute(1, 2, 0).contiguous().permute(2, 0, 1), factors, scale, shift, flip=flip)
+        ref = x.float().div(255).unsqueeze(0)
+        ref = ref.flip(-1) if flip else ref
+        ref = normalise(apply_jitter(ref, torch.tensor([factors])), mean, std)[0]
+        assert got.is_contiguous() and torch.allclose(got, ref, atol=1e-4), factors
+
+
+def test_pil_backend_is_the_previous_path_and_unknown_backends_fail():
+    random.seed(2)
+    views, _, _ = ViewTransform(backend="pil", color_jitter=0.0)._sample(opened(photo_jpeg()))
+    assert all(isinstance(v, Image.Image) for v in views)
+    try:
+        ViewTransform(backend="cuda")
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("unknown backend accepted")
