@@ -108,6 +108,27 @@ def last_block_cls_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return probs[:, :, 0, 1:].mean(dim=1)                                 # [B, N]
 
 
+
+def to_teacher_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: tuple[int, int],
+                     source_mean: Sequence[float] | torch.Tensor | None = None,
+                     source_std: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+    """[B, 3, H, W] images -> a teacher's own normalisation (``mean``/``std``, [1, 3, 1, 1]) at ``size``, float32.
+
+    Without ``source_mean``/``source_std`` the images are raw [0, 1]; with them, they are normalised
+    with those statistics (the student's view) and are un-normalised first.
+    """
+    x = images.float()
+    if (source_mean is None) != (source_std is None):
+        raise ValueError("give both source_mean and source_std, or neither")
+    if source_mean is not None:
+        m = torch.as_tensor(source_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        s = torch.as_tensor(source_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        x = x * s + m  # back to [0, 1]
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False).clamp_(0, 1)
+    return (x - mean) / std
+
+
 class CLIPTeacher(nn.Module):
     """Frozen open_clip vision tower: projected tokens (CLS included) and last-block CLS attention.
 
@@ -153,21 +174,8 @@ class CLIPTeacher(nn.Module):
 
     def to_clip_space(self, images: torch.Tensor, source_mean: Sequence[float] | torch.Tensor | None = None,
                       source_std: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
-        """[B, 3, H, W] images -> CLIP-normalised [B, 3, H', W'] at the tower's size, float32.
-
-        Without ``source_mean``/``source_std`` the images are raw [0, 1]; with them, they are normalised
-        with those statistics and are un-normalised first.
-        """
-        x = images.float()
-        if (source_mean is None) != (source_std is None):
-            raise ValueError("give both source_mean and source_std, or neither")
-        if source_mean is not None:
-            m = torch.as_tensor(source_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-            s = torch.as_tensor(source_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-            x = x * s + m                                                  # back to [0, 1]
-        if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False).clamp_(0, 1)
-        return (x - self.clip_mean) / self.clip_std
+        """[B, 3, H, W] images -> CLIP-normalised [B, 3, H', W'] at the tower's size, float32."""
+        return to_teacher_input(images, self.clip_mean, self.clip_std, self.image_size, source_mean, source_std)
 
     @torch.no_grad()
     def forward_clip_space(self, x: torch.Tensor) -> TeacherOutput:

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mimkit.checkpoint.load import load_vit_export
-from mimkit.models.clip_teacher import TeacherOutput
+from mimkit.models.clip_teacher import TeacherOutput, to_teacher_input
 from mimkit.models.vit import Block, VisionTransformer, rel_pos_bias_from_table
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -125,21 +125,8 @@ class ViTExportTeacher(nn.Module):
 
     def to_teacher_space(self, images: torch.Tensor, source_mean: Sequence[float] | torch.Tensor | None = None,
                          source_std: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
-        """[B, 3, H, W] images -> the export's normalisation at the encoder's size, float32.
-
-        Without ``source_mean``/``source_std`` the images are raw [0, 1]; with them, they are normalised
-        with those statistics and are un-normalised first.
-        """
-        x = images.float()
-        if (source_mean is None) != (source_std is None):
-            raise ValueError("give both source_mean and source_std, or neither")
-        if source_mean is not None:
-            m = torch.as_tensor(source_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-            s = torch.as_tensor(source_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-            x = x * s + m                                                  # back to [0, 1]
-        if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False).clamp_(0, 1)
-        return (x - self.pixel_mean) / self.pixel_std
+        """[B, 3, H, W] images -> the export's normalisation at the encoder's size, float32."""
+        return to_teacher_input(images, self.pixel_mean, self.pixel_std, self.image_size, source_mean, source_std)
 
     to_clip_space = to_teacher_space  # CLIPTeacher's name, for callers written against it
 
