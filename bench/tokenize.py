@@ -10,15 +10,22 @@ speed does not depend on training. The models are built from the paper presets' 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import time
+import sys
 
-import torch
+# Run as a script, this file's folder is sys.path[0] and the file would shadow the standard library's
+# `tokenize` (which torch imports through linecache): take the folder off the path first.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
 
-from mimkit.models.tokenizer_export import tokenizer_classes
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from mimkit.models.tokenizer_export import tokenizer_classes  # noqa: E402
 
 PAPER = {  # kind -> input size (BEiT's 112 px DALL-E view; 224 px for PeCo and VQ-KD: a 14x14 grid each)
     "dvae": 112,
