@@ -203,3 +203,14 @@ def test_adversarial_terms_push_only_their_own_network():
     assert all(p.grad is None for p in disc.parameters())  # the generator term leaves D alone
     hinge_discriminator_loss(disc(torch.randn(2, 3, 32, 32)), disc(fake.detach())).backward()
     assert all(p.grad is not None for p in disc.parameters())
+
+
+def test_perceptual_loss_on_a_mimkit_vit():
+    from mimkit.models.vit import ViTConfig, VisionTransformer
+    from mimkit.tokenizers.losses import PerceptualLoss, vit_features
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
+    loss = PerceptualLoss(vit, vit_features(vit, [0, 1]), (32, 32), [0.5] * 3, [0.5] * 3, [0.5] * 3, [0.5] * 3)
+    x = torch.randn(2, 3, 32, 32)
+    assert float(loss(x, x)) < 1e-6 and float(loss(x, x.flip(-1))) > 0

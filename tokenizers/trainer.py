@@ -92,7 +92,8 @@ def build_perceptual(cfg: TokenizerTrainConfig) -> PerceptualLoss:
 
     vit, info = load_vit_export(p.vit_export)
     vit = vit.eval().requires_grad_(False)
-    size = (vit.cfg.img_size, vit.cfg.img_size)
+    size = info["image_size"]
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     return PerceptualLoss(vit, vit_features(vit, p.layers), size, info["mean"], info["std"], *src)
 
 
