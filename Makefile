@@ -21,7 +21,7 @@ test: setup
 bench: setup
 	$(PY) bench/data.py
 	$(PY) bench/pretrain_step.py
-	$(PY) bench/tokenize.py
+	$(PY) bench/tokenizer_speed.py
 
 clean:
 	rm -rf runs/demo .cache/demo

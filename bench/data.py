@@ -23,16 +23,10 @@ headline rate divides by this process's CPU time, which other load on a shared m
 
 from __future__ import annotations
 
-import os
-import sys
-
-# bench/tokenize.py shadows the standard library's `tokenize` (imported by numpy via inspect/linecache)
-# when this script runs as `python bench/data.py`, which puts bench/ first on sys.path: drop that entry.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import io
+import os
+import sys
 import json
 import platform
 import random

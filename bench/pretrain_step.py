@@ -9,7 +9,7 @@ GFLOP/s, and the fp32 matmul peak measured here with a large square matmul.
 BEiT side: `MaskedTokenPrediction` (the preset configs/pretrain/beit_vit_b16.yaml: q/v bias, shared
 rel-pos, LayerScale, mask token, drop path 0.1, 8192-way head on the 75 masked patches) through the
 mimkit DeepSpeed engine (one process, gloo), step = forward + backward + AdamW + the engine's
-non-finite check. The frozen tokenizer is left out (random target ids): bench/tokenize.py times it.
+non-finite check. The frozen tokenizer is left out (random target ids): bench/tokenizer_speed.py times it.
 timm side: `vit_base_patch16_224` forward + cross-entropy on 1000 classes + backward + torch AdamW.
 """
 

@@ -1,6 +1,6 @@
 """How fast each tokenizer turns a batch into ids at the paper sizes (ViT-B scale), fp32 on CPU.
 
-    python bench/tokenize.py [--batch 8] [--iters 3] [--threads N]
+    python bench/tokenizer_speed.py [--batch 8] [--iters 3] [--threads N]
 
 Prints one JSON object: per tokenizer, the input size, grid, vocabulary, parameter count of what the
 export holds (encoder + codebook), and images per second of ``Tokenizer.tokenize``. Random weights:
@@ -10,22 +10,15 @@ speed does not depend on training. The models are built from the paper presets' 
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+import json
+import platform
+import time
 
-# Run as a script, this file's folder is sys.path[0] and the file would shadow the standard library's
-# `tokenize` (which torch imports through linecache): take the folder off the path first.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from mimkit.models.tokenizer_export import tokenizer_classes  # noqa: E402
+from mimkit.models.tokenizer_export import tokenizer_classes
 
 PAPER = {  # kind -> input size (BEiT's 112 px DALL-E view; 224 px for PeCo and VQ-KD: a 14x14 grid each)
     "dvae": 112,
