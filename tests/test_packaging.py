@@ -29,3 +29,11 @@ def test_hf_tokenizers_not_shadowed_by_a_stage_script():
     code = "import sys; sys.path.insert(0, %r); import tokenizers; print(tokenizers.__file__)" % os.path.join(ROOT, "tokenizers")
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
     assert "site-packages" in out.stdout, out.stdout
+
+
+def test_no_script_folder_shadows_the_standard_library():
+    # `python bench/x.py` / `python pretrain` put that folder first on sys.path: a file there named
+    # after a standard-library module (tokenize.py, ...) would break numpy's and torch's imports.
+    folders = ["bench", "tokenizers", "pretrain", "finetune", "slurm", "scripts"]
+    names = {p.stem for f in folders for p in __import__("pathlib").Path(ROOT, f).glob("*.py")}
+    assert not names & set(sys.stdlib_module_names) - {"__main__"}, names & set(sys.stdlib_module_names)

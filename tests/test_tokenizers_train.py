@@ -34,11 +34,19 @@ RUNS = {  # run name -> (preset, extra overrides)
     "vqkd": ("vqkd_tiny_cpu.yaml", []),
     "vqkd_norestart": ("vqkd_tiny_cpu.yaml", ["vqkd.codebook.restart_dead=false"]),
 }
+# A preempted run (SIGUSR1 on rank 1 after step PREEMPT_AT) and its resume: same preset as "dvae".
+PREEMPT_AT = 60
+PREEMPTED = ("dvae_preempted", "dvae_tiny_cpu.yaml")
 DRIVER = """
 import json, sys
 from mimkit.tokenizers.cli import main
 for argv in json.loads(sys.argv[1]):
-    main(argv)
+    try:
+        main(argv)
+    except SystemExit as stop:  # 75: preempted, saved, asks for a requeue: the next argv resumes it
+        if stop.code != 75:
+            raise
+        print("exit", stop.code, flush=True)
 """
 
 
@@ -52,6 +60,11 @@ def runs(demo, tmp_path_factory):
     root = tmp_path_factory.mktemp("tok_runs")
     argvs = [["--config", str(CONFIGS / preset), f"data.shards={demo.train_shard_pattern}", f"run.root={root}",
               f"run.name={name}", "run.resume=none", *extra] for name, (preset, extra) in RUNS.items()]
+    name, preset = PREEMPTED
+    base = ["--config", str(CONFIGS / preset), f"data.shards={demo.train_shard_pattern}", f"run.root={root}",
+            f"run.name={name}"]
+    argvs += [[*base, "run.resume=none", f"debug.signal_at_step={PREEMPT_AT}", "debug.signal_rank=1"],
+              [*base, "run.resume=auto"]]
     driver = root / "driver.py"
     driver.write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
@@ -59,7 +72,8 @@ def runs(demo, tmp_path_factory):
            str(driver), json.dumps(argvs)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {name: root / name for name in RUNS}
+    assert proc.stdout.count("exit 75") == 2, proc.stdout[-3000:]  # both ranks stopped for the requeue
+    return {name: root / name for name in [*RUNS, PREEMPTED[0]]}
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -142,3 +156,17 @@ def test_pictures_and_usage_histogram_written(runs):
 def test_cli_rejects_an_unknown_key():
     with pytest.raises(SystemExit):
         parse_cli(TokenizerTrainConfig, ["--config", str(CONFIGS / "peco_tiny_cpu.yaml"), "peco.codebok.beta=1"])
+
+
+def test_preempted_run_saves_requeues_and_resumes_to_the_same_losses(runs):
+    rows = read_metrics(runs[PREEMPTED[0]])
+    stops = [r["step"] for r in rows if r.get("event") == "preempted"]
+    assert stops == [PREEMPT_AT]  # both ranks agreed on the step; rank 0 logged it once
+    checkpoints = sorted(p.name for p in (runs[PREEMPTED[0]] / "checkpoints").iterdir() if p.is_dir())
+    assert any(str(PREEMPT_AT) in name for name in checkpoints), checkpoints
+    logged = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    reference = {r["step"]: r["loss"] for r in read_metrics(runs["dvae"]) if "loss" in r}
+    assert sorted(logged) == sorted(reference)  # no step lost or repeated
+    after = [s for s in reference if s > PREEMPT_AT]
+    assert after and all(logged[s] == pytest.approx(reference[s], rel=1e-5) for s in after)
+    assert (runs[PREEMPTED[0]] / "export" / "mimkit.json").exists()

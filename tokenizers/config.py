@@ -36,6 +36,14 @@ class RunConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Fault injection for tests."""
+
+    signal_at_step: int = -1  # send SIGUSR1 to this process after this step, as Slurm's warning does...
+    signal_rank: int = 0  # ...on this rank
+
+
+@dataclass
 class OpenClipConfig:
     """A frozen open_clip vision tower, created by name; weights from a local file or a cached tag."""
 
@@ -89,6 +97,7 @@ class TokenizerTrainConfig:
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     teacher: OpenClipConfig = field(default_factory=OpenClipConfig)  # VQ-KD's target network
     export: ExportConfig = field(default_factory=ExportConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +27,7 @@ from mimkit.checkpoint.store import CheckpointStore
 from mimkit.config import save_config, to_dict
 from mimkit.data.stream import build_stream, expand_shards
 from mimkit.distributed.engine import Engine
+from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 from mimkit.models.codebook import VectorQuantizer, all_reduce_sum_, usage_stats
 from mimkit.models.tokenizer_export import build_tokenizer_model, save_tokenizer_export
 from mimkit.optim import Schedule, apply_schedule, param_groups
@@ -144,7 +147,25 @@ def keep_codebooks_fp32(module: nn.Module) -> None:
             m.float()
 
 
+class Preempted(SystemExit):
+    """Raised on every rank after the checkpoint a preemption signal asked for: exit code 75, requeue."""
+
+    def __init__(self, step: int):
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.step = step
+
+
 def train(cfg: TokenizerTrainConfig) -> Path:
+    """Train, export, return the run folder. A preemption signal (Slurm's USR1 warning, submitit's USR2,
+    SIGTERM) makes every rank save at the next step boundary and raise :class:`Preempted`."""
+    flag = PreemptionFlag().install()
+    try:
+        return _train(cfg, flag)
+    finally:
+        flag.uninstall()
+
+
+def _train(cfg: TokenizerTrainConfig, flag: PreemptionFlag) -> Path:
     torch.manual_seed(cfg.run.seed)
     kind = cfg.kind
     data_cfg = dataclasses.replace(cfg.data, tok_size=None, seed=cfg.run.seed + cfg.data.seed)
@@ -230,8 +251,18 @@ def train(cfg: TokenizerTrainConfig) -> Path:
         if cfg.run.picture_every and (step % cfg.run.picture_every == 0 or step == cfg.run.steps):
             with full_parameters(engine):
                 save_reconstruction_picture(engine.module.tokenizer, fixed, data_cfg, pictures / f"recon_{step:08d}.png")
-        if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.steps:
+        saved = cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.steps
+        if saved:
             store.save(engine, step, {"samples": samples, "config": to_dict(cfg)}, loader.state_dict())
+        if step == cfg.debug.signal_at_step and rank == cfg.debug.signal_rank:
+            os.kill(os.getpid(), signal.SIGUSR1)  # what Slurm's --signal=USR1@120 does (tests)
+        if step < cfg.run.steps and flag.should_stop():  # collective: every rank asks at every step
+            if not saved:
+                store.save(engine, step, {"samples": samples, "config": to_dict(cfg)}, loader.state_dict())
+            bar.close()
+            logger.log(step, samples=samples, event="preempted")
+            logger.close()
+            raise Preempted(step)
     bar.close()
 
     tok_module = engine.module.tokenizer
