@@ -26,6 +26,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
+# The demo's sizes. 64 px images with 8 px patches (an 8x8 grid: a shape spans several patches), a dVAE
+# tokenizer at 64 px (8x8 ids), and fine-tuning on 10% of the labels. See BENCHMARKS.md, "Does
+# pretraining help? (demo data)", for the trials behind these numbers.
+DEFAULTS = dict(images_per_class=200, val_per_class=50, tokenizer_steps=200, pretrain_steps=1000, finetune_epochs=50)
+PRESETS = dict(tokenizer=CONFIGS / "tokenizers" / "demo_dvae_cpu.yaml", pretrain=CONFIGS / "pretrain" / "demo_beit_cpu.yaml",
+               finetune=CONFIGS / "finetune" / "demo_cpu.yaml")
+
 
 def run_stage(title: str, cmd: list[str], env: dict) -> float:
     """Run one stage as a subprocess, streaming its output; fail loudly with the command to re-run."""
@@ -55,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mimkit demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="run root of the demo (default: runs/demo)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks per DeepSpeed stage (default: 2)")
-    parser.add_argument("--tokenizer-steps", type=int, default=150)
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--finetune-epochs", type=int, default=30)
+    parser.add_argument("--tokenizer-steps", type=int, default=DEFAULTS["tokenizer_steps"])
+    parser.add_argument("--pretrain-steps", type=int, default=DEFAULTS["pretrain_steps"])
+    parser.add_argument("--finetune-epochs", type=int, default=DEFAULTS["finetune_epochs"])
+    parser.add_argument("--images-per-class", type=int, default=DEFAULTS["images_per_class"],
+                        help="demo train images per class (10%% of them keep their labels for fine-tuning)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every training stage (the data stays seed 0)")
     parser.add_argument("--fresh", action="store_true", help="delete the previous demo run first")
     args = parser.parse_args(argv)
 
@@ -75,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from mimkit.data.demo import make_demo_data
 
     start = time.time()
-    data = make_demo_data(out / "data")
+    data = make_demo_data(out / "data", images_per_class=args.images_per_class,
+                          val_per_class=DEFAULTS["val_per_class"])
     times["data"] = time.time() - start
     print(f"{data.num_train} train / {data.num_val} val images of {len(data.class_names)} classes "
           f"({', '.join(data.class_names)}) in {out / 'data'}")
@@ -83,15 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     tok_dir = out / "tokenizer"
     if not (tok_dir / "export" / "mimkit.json").exists():
         times["tokenizer"] = run_stage("2. tokenizer: tiny DALL-E dVAE", launcher(args.nproc, "mimkit.tokenizers") + [
-            "--config", str(CONFIGS / "tokenizers" / "dvae_tiny_cpu.yaml"),
-            f"run.root={out}", "run.name=tokenizer", f"run.steps={args.tokenizer_steps}",
+            "--config", str(PRESETS["tokenizer"]),
+            f"run.root={out}", "run.name=tokenizer", f"run.steps={args.tokenizer_steps}", f"run.seed={args.seed}",
             f"data.shards={data.train_shard_pattern}"], env)
 
     beit_dir = out / "beit"
     if not (beit_dir / "export" / "mimkit.json").exists():
         times["pretrain"] = run_stage("3. pretrain: BEiT on the dVAE's tokens", launcher(args.nproc, "mimkit.pretrain") + [
-            "--config", str(CONFIGS / "pretrain" / "beit_tiny_cpu.yaml"),
-            f"run.root={out}", "run.name=beit", f"run.steps={args.pretrain_steps}",
+            "--config", str(PRESETS["pretrain"]),
+            f"run.root={out}", "run.name=beit", f"run.steps={args.pretrain_steps}", f"run.seed={args.seed}",
+            f"data.seed={args.seed}",
             f"data.shards={data.train_shard_pattern}", f"beit.tokenizer={tok_dir / 'export'}"], env)
 
     comparison = out / "finetune_comparison.json"
@@ -99,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         times["finetune"] = run_stage("4. finetune: pretrained vs scratch, 10% of the labels",
                                       [sys.executable, "-m", "mimkit.finetune.compare_init",
                                        "--init", str(beit_dir / "export"),
-                                       "--config", str(CONFIGS / "finetune" / "tiny_cpu.yaml"),
-                                       f"run.root={out}", "run.name=finetune",
+                                       "--config", str(PRESETS["finetune"]),
+                                       f"run.root={out}", "run.name=finetune", f"run.seed={args.seed}",
                                        f"data.root={data.imagefolder_train.parent}", f"data.num_classes={len(data.class_names)}",
-                                       "data.label_fraction=0.1", "data.batch_size=10",
+                                       "data.label_fraction=0.1",
                                        f"optim.epochs={args.finetune_epochs}"], env)
 
     print_summary(out, tok_dir, beit_dir, comparison, times)
