@@ -29,9 +29,10 @@ CONFIGS = REPO / "configs"
 # The demo's sizes. 64 px images with 8 px patches (an 8x8 grid: a shape spans several patches), a dVAE
 # tokenizer at 64 px (8x8 ids), and fine-tuning on 10% of the labels. See BENCHMARKS.md, "Does
 # pretraining help? (demo data)", for the trials behind these numbers.
-DEFAULTS = dict(images_per_class=200, val_per_class=50, tokenizer_steps=200, pretrain_steps=1000, finetune_epochs=50)
+DEFAULTS = dict(images_per_class=200, val_per_class=50, tokenizer_steps=200, pretrain_steps=1000, milan_steps=200,
+                finetune_epochs=50)
 PRESETS = dict(tokenizer=CONFIGS / "tokenizers" / "demo_dvae_cpu.yaml", pretrain=CONFIGS / "pretrain" / "demo_beit_cpu.yaml",
-               finetune=CONFIGS / "finetune" / "demo_cpu.yaml")
+               milan=CONFIGS / "pretrain" / "demo_milan_cpu.yaml", finetune=CONFIGS / "finetune" / "demo_cpu.yaml")
 
 
 def run_stage(title: str, cmd: list[str], env: dict) -> float:
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="ranks per DeepSpeed stage (default: 2)")
     parser.add_argument("--tokenizer-steps", type=int, default=DEFAULTS["tokenizer_steps"])
     parser.add_argument("--pretrain-steps", type=int, default=DEFAULTS["pretrain_steps"])
+    parser.add_argument("--milan-steps", type=int, default=DEFAULTS["milan_steps"],
+                        help="MILAN steps with the BEiT export as teacher (0: skip MILAN)")
     parser.add_argument("--finetune-epochs", type=int, default=DEFAULTS["finetune_epochs"])
     parser.add_argument("--images-per-class", type=int, default=DEFAULTS["images_per_class"],
                         help="demo train images per class (10%% of them keep their labels for fine-tuning)")
@@ -106,9 +109,19 @@ def main(argv: list[str] | None = None) -> int:
             f"data.seed={args.seed}",
             f"data.shards={data.train_shard_pattern}", f"beit.tokenizer={tok_dir / 'export'}"], env)
 
+    # MILAN needs a CLIP teacher; no weights can be downloaded here, so the demo's own BEiT encoder
+    # (an export with a CLS token) is the teacher: its features and CLS attention are real, learned ones.
+    milan_dir = out / "milan"
+    if args.milan_steps and not (milan_dir / "export" / "mimkit.json").exists():
+        times["milan"] = run_stage("4. pretrain: MILAN, the BEiT encoder as teacher", launcher(args.nproc, "mimkit.pretrain") + [
+            "--config", str(PRESETS["milan"]),
+            f"run.root={out}", "run.name=milan", f"run.steps={args.milan_steps}", f"run.seed={args.seed}",
+            f"data.seed={args.seed}", f"data.shards={data.train_shard_pattern}",
+            f"milan.teacher.export={beit_dir / 'export'}"], env)
+
     comparison = out / "finetune_comparison.json"
     if not comparison.exists():
-        times["finetune"] = run_stage("4. finetune: pretrained vs scratch, 10% of the labels",
+        times["finetune"] = run_stage("5. finetune: BEiT-pretrained vs scratch, 10% of the labels",
                                       [sys.executable, "-m", "mimkit.finetune.compare_init",
                                        "--init", str(beit_dir / "export"),
                                        "--config", str(PRESETS["finetune"]),
@@ -117,17 +130,18 @@ def main(argv: list[str] | None = None) -> int:
                                        "data.label_fraction=0.1",
                                        f"optim.epochs={args.finetune_epochs}"], env)
 
-    print_summary(out, tok_dir, beit_dir, comparison, times)
+    print_summary(out, tok_dir, beit_dir, milan_dir, comparison, times)
     return 0
 
 
-def print_summary(out: Path, tok_dir: Path, beit_dir: Path, comparison: Path, times: dict) -> None:
+def print_summary(out: Path, tok_dir: Path, beit_dir: Path, milan_dir: Path, comparison: Path, times: dict) -> None:
     rows = json.loads(comparison.read_text())
     print("\n=== results")
     print(f"{'stage':<28}{'metric':<22}{'first':>10}{'last':>10}")
     print("-" * 70)
     for label, run, key in (("tokenizer (dVAE)", tok_dir, "loss"), ("tokenizer (dVAE)", tok_dir, "codebook_usage"),
-                            ("pretrain (BEiT)", beit_dir, "loss"), ("pretrain (BEiT)", beit_dir, "mlm_acc")):
+                            ("pretrain (BEiT)", beit_dir, "loss"), ("pretrain (BEiT)", beit_dir, "mlm_acc"),
+                            ("pretrain (MILAN)", milan_dir, "loss"), ("pretrain (MILAN)", milan_dir, "loss_masked")):
         series = first_and_last(run, key)
         if series:
             print(f"{label:<28}{key:<22}{series[0]:>10.4f}{series[1]:>10.4f}")
@@ -137,10 +151,10 @@ def print_summary(out: Path, tok_dir: Path, beit_dir: Path, comparison: Path, ti
         print("\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("\nwhat was produced:")
     print(f"  tokenizer export   {tok_dir / 'export'}")
-    print(f"  pretrained export  {beit_dir / 'export'}")
-    print(f"  metrics            {tok_dir / 'metrics.jsonl'}, {beit_dir / 'metrics.jsonl'}")
+    print(f"  pretrained exports {beit_dir / 'export'}, {milan_dir / 'export'}")
+    print(f"  metrics            {out}/*/metrics.jsonl")
     print(f"  TensorBoard        tensorboard --logdir {out}")
-    for folder in (tok_dir / "pictures", beit_dir / "pictures"):
+    for folder in (tok_dir / "pictures", beit_dir / "pictures", milan_dir / "pictures"):
         pictures = sorted(p.name for p in folder.glob("*.png"))
         if pictures:
             print(f"  pictures           {folder}: {', '.join(pictures[:6])}{' ...' if len(pictures) > 6 else ''}")
