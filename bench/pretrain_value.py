@@ -2,10 +2,10 @@
 
     python bench/pretrain_value.py [--seed 0] [--out /tmp/pretrain_value] [--min-margin 0] [demo options ...]
 
-Runs `mimkit demo --fresh --seed S` (demo data, dVAE tokenizer, BEiT pretraining, then fine-tuning of the
+Runs `mimkit demo --fresh --seed S` (demo data, dVAE tokenizer, BEiT (+ MILAN) pretraining, then fine-tuning of the
 pretrained encoder and of a from-scratch one with the same architecture, data, seed and steps), then
 prints one JSON object: the seed, both top-1 (and best-epoch top-1), the margin in points, the demo's wall
-time per stage, the machine. Exits non-zero unless pretrained top-1 beats scratch by more than
+time per stage, the machine (and the linear-probe top-1 of both). Exits non-zero unless pretrained top-1 beats scratch by more than
 --min-margin points. Any other option is passed to `mimkit demo` (e.g. --pretrain-steps 600).
 Expect about as long as `mimkit demo` (minutes on 2 CPU cores).
 """
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "pretrained_top1": pre["top1"], "scratch_top1": scratch["top1"], "margin": round(margin, 2),
         "pretrained_best_top1": pre["best_top1"], "scratch_best_top1": scratch["best_top1"],
+        **({"pretrained_linprobe_top1": rows["pretrained_linprobe"]["top1"],
+            "scratch_linprobe_top1": rows["scratch_linprobe"]["top1"]} if "pretrained_linprobe" in rows else {}),
         "train_labels": pre["train_images"], "val_images": pre["count"], "finetune_steps": pre["steps"],
         "demo_args": demo_args, "defaults": DEFAULTS, "wall_s": round(wall, 1),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if not comparison.exists():
         times["finetune"] = run_stage("5. finetune: BEiT-pretrained vs scratch, 10% of the labels",
                                       [sys.executable, "-m", "mimkit.finetune.compare_init",
-                                       "--init", str(beit_dir / "export"),
+                                       "--init", str(beit_dir / "export"), "--linprobe",
                                        "--config", str(PRESETS["finetune"]),
                                        f"run.root={out}", "run.name=finetune", f"run.seed={args.seed}",
                                        f"data.root={data.imagefolder_train.parent}", f"data.num_classes={len(data.class_names)}",
