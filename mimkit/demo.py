@@ -137,16 +137,16 @@ def main(argv: list[str] | None = None) -> int:
 def print_summary(out: Path, tok_dir: Path, beit_dir: Path, milan_dir: Path, comparison: Path, times: dict) -> None:
     rows = json.loads(comparison.read_text())
     print("\n=== results")
-    print(f"{'stage':<28}{'metric':<22}{'first':>10}{'last':>10}")
+    print(f"{'stage':<32}{'metric':<18}{'first':>10}{'last':>10}")
     print("-" * 70)
     for label, run, key in (("tokenizer (dVAE)", tok_dir, "loss"), ("tokenizer (dVAE)", tok_dir, "codebook_usage"),
                             ("pretrain (BEiT)", beit_dir, "loss"), ("pretrain (BEiT)", beit_dir, "mlm_acc"),
                             ("pretrain (MILAN)", milan_dir, "loss"), ("pretrain (MILAN)", milan_dir, "loss_masked")):
         series = first_and_last(run, key)
         if series:
-            print(f"{label:<28}{key:<22}{series[0]:>10.4f}{series[1]:>10.4f}")
+            print(f"{label:<32}{key:<18}{series[0]:>10.4f}{series[1]:>10.4f}")
     for name, row in rows.items():
-        print(f"{'finetune (' + name + ')':<28}{'val top-1 %':<22}{'':>10}{row['top1']:>10.1f}")
+        print(f"{'finetune: ' + name:<32}{'val top-1 %':<18}{'':>10}{row['top1']:>10.1f}")
     if times:
         print("\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("\nwhat was produced:")
