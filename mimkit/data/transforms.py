@@ -95,6 +95,17 @@ def sample_crop_box(
     return left, top, left + w, top + h
 
 
+def draft_for_box(img: Image.Image, box: Box, largest: int) -> bool:
+    """Ask a JPEG to decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps `box` at least `largest`
+    pixels on each side, so no view is upsampled because of it. True when the decode scale changed."""
+    if img.format != "JPEG":
+        return False
+    crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+    request = (max(1, math.ceil(img.width * largest / max(crop_w, 1))),
+               max(1, math.ceil(img.height * largest / max(crop_h, 1))))
+    return img.draft(img.mode, request) is not None
+
+
 def crop_and_resize(
     img: Image.Image, box: Box, outputs: Sequence[tuple[int, Image.Resampling]], use_draft: bool = True,
     small_from_large: bool = True,
@@ -107,17 +118,10 @@ def crop_and_resize(
     this halves its cost and changes pixels by about 0.4 / 255 on average (measured on photos).
     """
     fbox = tuple(float(v) for v in box)
-    if use_draft and img.format == "JPEG":
-        largest = max(size for size, _ in outputs)
-        crop_w, crop_h = box[2] - box[0], box[3] - box[1]
-        request = (
-            max(1, math.ceil(img.width * largest / max(crop_w, 1))),
-            max(1, math.ceil(img.height * largest / max(crop_h, 1))),
-        )
-        full_w = img.width
-        if img.draft(img.mode, request) is not None:
-            factor = img.width / full_w  # 1, 1/2, 1/4 or 1/8 (rounded up sizes)
-            fbox = tuple(v * factor for v in fbox)
+    full_w = img.width
+    if use_draft and draft_for_box(img, box, max(size for size, _ in outputs)):
+        factor = img.width / full_w  # 1, 1/2, 1/4 or 1/8 (rounded up sizes)
+        fbox = tuple(v * factor for v in fbox)
     rgb = to_rgb(img)
     first = rgb.resize((outputs[0][0],) * 2, outputs[0][1], box=fbox)
     views = [first]
@@ -165,19 +169,12 @@ def crop_and_resize_tensors(
     smaller view derived from the first one with `tok_approx`, which uses torch's antialiased bicubic
     (about 1.2 / 255 mean difference from PIL's lanczos at 224 -> 112; see BENCHMARKS.md).
     """
-    if use_draft and img.format == "JPEG":
-        largest = max(size for size, _ in outputs)
-        crop_w, crop_h = box[2] - box[0], box[3] - box[1]
-        request = (
-            max(1, math.ceil(img.width * largest / max(crop_w, 1))),
-            max(1, math.ceil(img.height * largest / max(crop_h, 1))),
-        )
-        full_w, full_h = img.width, img.height
-        if img.draft(img.mode, request) is not None and img.width != full_w:
-            fx, fy = img.width / full_w, img.height / full_h
-            left, top = round(box[0] * fx), round(box[1] * fy)
-            box = (left, top, max(left + 1, min(img.width, round(box[2] * fx))),
-                   max(top + 1, min(img.height, round(box[3] * fy))))
+    full_w, full_h = img.width, img.height
+    if use_draft and draft_for_box(img, box, max(size for size, _ in outputs)) and img.width != full_w:
+        fx, fy = img.width / full_w, img.height / full_h
+        left, top = round(box[0] * fx), round(box[1] * fy)
+        box = (left, top, max(left + 1, min(img.width, round(box[2] * fx))),
+               max(top + 1, min(img.height, round(box[3] * fy))))
     rgb = to_rgb(img)
     full = box == (0, 0, rgb.width, rgb.height)
     crop = _uint8_hwc(rgb if full else rgb.crop(box)).permute(2, 0, 1)  # [3, h, w], channels-last strides
