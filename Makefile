@@ -22,6 +22,7 @@ bench: setup
 	$(PY) bench/data.py
 	$(PY) bench/pretrain_step.py
 	$(PY) bench/tokenizer_speed.py
+	$(PY) bench/milan_step.py --batch 4 --steps 3
 
 clean:
 	rm -rf runs/demo .cache/demo
