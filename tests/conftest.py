@@ -1,9 +1,18 @@
+import importlib.util
 import os
+import sys
 
 # CPU-only defaults for every test: DeepSpeed's CPU accelerator and one shared build of its C++ ops.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
+
+# The torchrun launcher shared by the 2-rank tests, importable as `mimkit_test_distributed`
+# (tests run in importlib mode, where sibling modules are not on sys.path).
+_spec = importlib.util.spec_from_file_location("mimkit_test_distributed", os.path.join(ROOT, "tests", "distributed.py"))
+_launcher = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_launcher)
+sys.modules["mimkit_test_distributed"] = _launcher
 
 
 import pytest  # noqa: E402

@@ -3,21 +3,15 @@
 One torchrun runs every stage (DeepSpeed's import dominates a launch); each test reads its part.
 """
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from mimkit.checkpoint.store import CheckpointError, CheckpointStore
 from mimkit.distributed.engine import EngineConfig, build_ds_config
 
-# tests/ is not a package (pytest runs in importlib mode): load the launch helper by path
-_spec = importlib.util.spec_from_file_location("mimkit_test_distributed", Path(__file__).with_name("distributed.py"))
-_helper = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helper)
-SCRIPTS, run_torchrun = _helper.SCRIPTS, _helper.run_torchrun
+from mimkit_test_distributed import SCRIPTS, run_torchrun  # tests/distributed.py, registered by conftest.py
 
 STAGES = (0, 1, 2, 3)
 NAN_STEP, SAVE_AFTER = 3, 5

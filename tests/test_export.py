@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from mimkit_test_distributed import run_torchrun  # tests/distributed.py, registered by conftest.py
 from mimkit.checkpoint.export import ExportError, export_run, find_checkpoint, load_checkpoint_file, main, timm_spec, \
     to_timm_state
 from mimkit.models.vit import VisionTransformer, ViTConfig, preset
@@ -23,24 +21,11 @@ SCRIPT = Path(__file__).parent / "dist_scripts_ft" / "make_zero_runs.py"
 STAGES = ["1:fp32", "2:fp32", "3:fp32"]  # stage 0 fp32 keeps full weights: the trivial path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory) -> Path:
     """One torchrun (2 CPU ranks) that trains and saves a tiny run per ZeRO stage."""
     root = tmp_path_factory.mktemp("zero_runs")
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(SCRIPT), str(root), *STAGES]
-    proc = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=540)
-    assert proc.returncode == 0, proc.stdout[-5000:]
+    run_torchrun(SCRIPT, [str(root), *STAGES], cwd=root, timeout=540)
     return root
 
 

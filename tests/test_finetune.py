@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from mimkit_test_distributed import run_torchrun  # tests/distributed.py, registered by conftest.py
 from mimkit.config import load_config
 from mimkit.data.demo import make_demo_data
 from mimkit.finetune.class_data import TarShardImages, label_subset
@@ -67,24 +65,11 @@ def test_shards_and_imagefolder_train_and_evaluate(demo, tmp_path):
     assert a["count"] == b["count"] == demo.num_val
 
 
-def _torchrun(args, cwd, nproc=2):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), str(ENTRY), *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    return proc.stdout
-
-
 def test_two_processes_give_the_same_accuracy_as_one(demo, tmp_path):
     args = ["--config", str(TINY), f"run.root={tmp_path}", f"data.root={demo.imagefolder_train.parent}",
             "optim.epochs=2", "aug.enabled=false", "model.drop_path=0.0", "data.eval_batch_size=10"]
     one = train(_cfg(tmp_path, *args[3:], "run.name=one"))
-    _torchrun([*args, "run.name=two"], cwd=tmp_path)
+    run_torchrun(ENTRY, [*args, "run.name=two"], cwd=tmp_path, timeout=400)
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["num_processes"] == 2 and one["num_processes"] == 1
     assert two["count"] == one["count"] == demo.num_val  # padded duplicates not counted

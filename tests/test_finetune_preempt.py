@@ -5,7 +5,6 @@ so the RNG states must come back too)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -20,9 +19,7 @@ from mimkit.distributed.preempt import REQUEUE_EXIT_CODE
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "finetune" / "tiny_cpu.yaml"
 ENTRY = Path(__file__).parent / "dist_scripts_ft" / "finetune_exit_entry.py"
-_spec = importlib.util.spec_from_file_location("mimkit_test_distributed", Path(__file__).with_name("distributed.py"))
-_helper = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helper)
+import mimkit_test_distributed as _helper  # tests/distributed.py, registered by conftest.py
 
 STEPS_PER_EPOCH = 6  # 48 images / global batch 8
 SIGNAL_AT = 8  # epoch 1, after its 2nd batch

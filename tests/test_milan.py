@@ -3,7 +3,6 @@ normalisation, losses are what the papers say, masks are reproducible on resume,
 presets load; and the real pretrain trainer on 2 DeepSpeed ranks: MILAN's loss falls, a killed run
 resumes to the uninterrupted run's losses, the export is the encoder alone; MAE and EVA run end to end."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -27,9 +26,7 @@ from mimkit.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "configs" / "pretrain"
-_spec = importlib.util.spec_from_file_location("mimkit_test_distributed", Path(__file__).with_name("distributed.py"))
-_helper = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helper)
+import mimkit_test_distributed as _helper  # tests/distributed.py, registered by conftest.py
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SMALL_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=4, decoder_mlp_ratio=2.0)

@@ -2,8 +2,6 @@
 over gloo): loss falls, a NaN step is skipped on both ranks, uneven shards give equal batch counts, a
 SIGKILLed rank ends the run, and the resumed run repeats the uninterrupted one's losses exactly."""
 
-import copy
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -20,9 +18,7 @@ from mimkit.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "pretrain" / "beit_tiny_cpu.yaml"
-_spec = importlib.util.spec_from_file_location("mimkit_test_distributed", Path(__file__).with_name("distributed.py"))
-_helper = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helper)
+import mimkit_test_distributed as _helper  # tests/distributed.py, registered by conftest.py
 
 
 @pytest.fixture(scope="module")

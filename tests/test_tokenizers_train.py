@@ -8,9 +8,6 @@ dVAE, PeCo and VQ-KD with dead-code restarts on, and PeCo and VQ-KD with them of
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mimkit_test_distributed import run_torchrun  # tests/distributed.py, registered by conftest.py
 from mimkit.config import parse_cli
 from mimkit.data.demo import make_demo_data
 from mimkit.models.tokenizer_export import load_tokenizer
@@ -67,11 +65,8 @@ def runs(demo, tmp_path_factory):
               [*base, "run.resume=auto"]]
     driver = root / "driver.py"
     driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733",
-           str(driver), json.dumps(argvs)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # cwd: the presets name configs/tokenizers/open_clip_tiny.json relative to the repository root
+    proc = run_torchrun(driver, [json.dumps(argvs)], cwd=ROOT, timeout=900)
     assert proc.stdout.count("exit 75") == 2, proc.stdout[-3000:]  # both ranks stopped for the requeue
     return {name: root / name for name in [*RUNS, PREEMPTED[0]]}
 
