@@ -36,7 +36,8 @@ RUNS = {  # run name -> (preset, extra overrides)
 PREEMPT_AT = 60
 PREEMPTED = ("dvae_preempted", "dvae_tiny_cpu.yaml")
 DRIVER = """
-import json, sys
+import json, os, sys
+from pathlib import Path
 from mimkit.tokenizers.cli import main
 for argv in json.loads(sys.argv[1]):
     try:
@@ -44,7 +45,8 @@ for argv in json.loads(sys.argv[1]):
     except SystemExit as stop:  # 75: preempted, saved, asks for a requeue: the next argv resumes it
         if stop.code != 75:
             raise
-        print("exit", stop.code, flush=True)
+        # a file per rank: the ranks' stdout lines interleave with the progress bars in the shared pipe
+        Path(sys.argv[2], "exit75_rank" + os.environ["RANK"]).touch()
 """
 
 
@@ -66,8 +68,8 @@ def runs(demo, tmp_path_factory):
     driver = root / "driver.py"
     driver.write_text(DRIVER)
     # cwd: the presets name configs/tokenizers/open_clip_tiny.json relative to the repository root
-    proc = run_torchrun(driver, [json.dumps(argvs)], cwd=ROOT, timeout=900)
-    assert proc.stdout.count("exit 75") == 2, proc.stdout[-3000:]  # both ranks stopped for the requeue
+    run_torchrun(driver, [json.dumps(argvs), str(root)], cwd=ROOT, timeout=900)
+    assert sorted(p.name for p in root.glob("exit75_rank*")) == ["exit75_rank0", "exit75_rank1"]  # both ranks stopped
     return {name: root / name for name in [*RUNS, PREEMPTED[0]]}
 
 
