@@ -1,18 +1,27 @@
-"""Pretrained vs from scratch with the same budget: `python -m mimkit.finetune.compare_init --init EXPORT
---config configs/finetune/tiny_cpu.yaml [dotted.key=value ...]` fine-tunes twice (model.init=EXPORT, then
-none), with the same data, seed and steps, and prints a small table (also RUN_ROOT/comparison.json).
+"""Pretrained vs from scratch with the same budget:
 
-When EXPORT is a mimkit export, the scratch run builds exactly the export's architecture (its mimkit.json:
-patch size, width, depth, position scheme, ...) and uses its pixel normalisation, with fresh weights, so
-the two runs are the same network by construction; `model.preset` only matters for foreign checkpoints.
-`--linprobe` adds the MAE protocol too: a linear probe on the frozen pretrained encoder vs on a frozen
-random one (mode=linprobe, optim.layer_decay ignored)."""
+    python -m mimkit.finetune.compare_init --init [NAME=]EXPORT [--init NAME=EXPORT ...] --config CONFIG
+        [--seeds 0 1 2] [--lrs 1e-3 3e-3] [--linprobe] [dotted.key=value ...]
+
+fine-tunes every init and a from-scratch network with the same data, steps and recipe, for each seed (the
+seed also draws the labelled subset under data.label_fraction) and each lr, then prints a table (mean and
+spread over seeds, the lead over scratch) and writes RUN_ROOT/RUN_NAME_comparison.json.
+
+Scratch is the same network by construction: when an init is a mimkit export, its scratch arm is built from
+the export's mimkit.json (patch size, width, depth, position scheme, ...) and pixel normalisation with fresh
+weights; exports whose fine-tuning networks are identical (e.g. MAE and MILAN) share one scratch arm.
+`model.preset` only serves foreign checkpoints. With several lrs, each arm is scored at its own best lr
+(mean over seeds), so scratch is not held to a recipe tuned for pretrained weights. `--linprobe` adds the
+MAE protocol: a linear probe on the frozen pretrained encoder vs on a frozen random one.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import statistics
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -49,43 +58,119 @@ def scratch_architecture(meta: Optional[dict]) -> Iterator[None]:
         classification.export_meta = original
 
 
-def compare(init: str, config: str, overrides: list[str], modes: tuple[str, ...] = ("finetune",)) -> dict:
+def parse_inits(specs: list[str]) -> dict[str, str]:
+    """["beit=runs/x/export", "runs/y/export"] -> {"beit": ..., "pretrained": ...}; names must be unique."""
+    inits: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else ("pretrained" if len(specs) == 1 else Path(spec).parent.name, spec)
+        if not name or name.startswith("scratch") or name in inits:
+            raise SystemExit(f"compare_init: --init {spec!r}: give each init a unique NAME=PATH (not 'scratch...')")
+        inits[name] = path
+    return inits
+
+
+def scratch_arms(inits: dict[str, str], cfg: FinetuneConfig) -> tuple[dict[str, Optional[dict]], dict[str, str]]:
+    """One scratch arm per distinct fine-tuning network: ({arm: meta}, {init name: its scratch arm})."""
+    arms: dict[str, Optional[dict]] = {}
+    network_to_arm: dict[str, str] = {}
+    arm_of: dict[str, str] = {}
+    for name, path in inits.items():
+        meta = scratch_meta(path)
+        network = json.dumps([dataclasses.asdict(classification.encoder_config(cfg, meta)),
+                              (meta or {}).get("pixel_norm")], sort_keys=True)
+        if network not in network_to_arm:
+            network_to_arm[network] = f"scratch_{name}"
+            arms[f"scratch_{name}"] = meta
+        arm_of[name] = network_to_arm[network]
+    if len(arms) == 1:  # one network for all: plain "scratch"
+        only = next(iter(arms))
+        arms = {"scratch": arms[only]}
+        arm_of = {name: "scratch" for name in arm_of}
+    return arms, arm_of
+
+
+def summarise(runs: list[dict]) -> dict:
+    top1 = [r["top1"] for r in runs]
+    return {"top1": round(statistics.fmean(top1), 2), "top1_std": round(statistics.pstdev(top1), 2),
+            "top1_runs": top1, "best_top1_runs": [r["best_top1"] for r in runs],
+            "top5": round(statistics.fmean(r["top5"] for r in runs), 2), "count": runs[0]["count"],
+            "train_images": runs[0]["train_images"], "steps": runs[0]["steps"], "epochs": runs[0]["epochs"]}
+
+
+def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tuple[str, ...] = ("finetune",),
+            seeds: tuple[int, ...] = (0,), lrs: tuple[Optional[float], ...] = (None,)) -> dict:
+    """{row name: summary} for every init and scratch arm (and mode); rows carry `vs` (their scratch arm),
+    `lead` (points over it) and, with several lrs, `lr` (the best one) and `by_lr`."""
+    base = load_config(FinetuneConfig, config, overrides)
+    arms, arm_of = scratch_arms(inits, base)
+    jobs = {name: (path, None) for name, path in inits.items()} | {arm: ("", meta) for arm, meta in arms.items()}
     rows = {}
-    meta = scratch_meta(init)
     for mode in modes:
         suffix = "" if mode == "finetune" else f"_{mode}"
-        for name, value in (("pretrained", init), ("scratch", "")):
-            cfg = load_config(FinetuneConfig, config, [*overrides, "run.resume=none"])
-            cfg.mode = mode
-            cfg.model.init = value
-            cfg.run.name = f"{cfg.run.name}_{name}{suffix}"
-            with scratch_architecture(meta):
-                rows[name + suffix] = train(cfg)
+        for name, (init, meta) in jobs.items():
+            by_lr = {}
+            for lr in lrs:
+                runs = []
+                for seed in seeds:
+                    cfg = load_config(FinetuneConfig, config, [*overrides, "run.resume=none"])
+                    cfg.mode, cfg.model.init, cfg.run.seed = mode, init, seed
+                    if lr is not None:
+                        cfg.optim.lr = lr
+                    tag = "".join([suffix, f"_lr{lr:g}" if len(lrs) > 1 else "", f"_s{seed}" if len(seeds) > 1 else ""])
+                    cfg.run.name = f"{base.run.name}_{name}{tag}"
+                    with scratch_architecture(meta):
+                        runs.append(train(cfg))
+                by_lr[lr] = summarise(runs)
+            best_lr = max(by_lr, key=lambda lr: by_lr[lr]["top1"])
+            row = dict(by_lr[best_lr])
+            if len(lrs) > 1:
+                row["lr"] = best_lr
+                row["by_lr"] = {f"{lr:g}": {"top1": s["top1"], "top1_std": s["top1_std"]} for lr, s in by_lr.items()}
+            rows[name + suffix] = row
+        for name in inits:
+            row, ref = rows[name + suffix], rows[arm_of[name] + suffix]
+            row["vs"], row["lead"] = arm_of[name] + suffix, round(row["top1"] - ref["top1"], 2)
     return rows
 
 
 def format_table(rows: dict) -> str:
     any_row = next(iter(rows.values()))
-    lines = [f"fine-tuning on {any_row['train_images']} labelled images, {any_row['steps']} steps each",
-             f"{'init':<20}{'top-1':>8}{'top-5':>8}", "-" * 36]
-    lines += [f"{name:<20}{r['top1']:>8.1f}{r['top5']:>8.1f}" for name, r in rows.items()]
+    seeds = len(any_row["top1_runs"])
+    lines = [f"fine-tuning on {any_row['train_images']} labelled images, {any_row['steps']} steps each, "
+             f"{any_row['count']} val images, {seeds} seed(s)" + (" (mean +- sd)" if seeds > 1 else ""),
+             f"{'init':<24}{'top-1':>8}{'+-':>6}{'lead':>8}{'lr':>9}", "-" * 55]
+    for name, r in rows.items():
+        lead = f"{r['lead']:+.1f}" if "lead" in r else ""
+        lr = f"{r['lr']:g}" if "lr" in r else ""
+        lines.append(f"{name:<24}{r['top1']:>8.1f}{r['top1_std']:>6.1f}{lead:>8}{lr:>9}")
+    lines.append("lead: top-1 points over the same network trained from scratch with the same budget")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="compare_init", description=__doc__.splitlines()[0])
-    parser.add_argument("--init", required=True, help="the pretrained export (or any layout the loader reads)")
+    parser = argparse.ArgumentParser(prog="compare_init", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--init", action="append", required=True,
+                        help="[NAME=]PATH of a pretrained export (or any layout the loader reads); repeatable")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="fine-tuning seeds (each also draws the labelled subset); default: run.seed")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="peak lrs to try; each arm is scored at its best (default: optim.lr)")
     parser.add_argument("--linprobe", action="store_true",
                         help="also compare linear probes (frozen pretrained vs frozen random encoder)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # flags may follow the overrides
-    modes = ("finetune", "linprobe") if args.linprobe else ("finetune",)
-    rows = compare(args.init, args.config, args.overrides, modes)
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    modes = ("finetune", "linprobe") if args.linprobe else ("finetune",)
+    rows = compare(parse_inits(args.init), args.config, args.overrides, modes,
+                   tuple(args.seeds or [cfg.run.seed]), tuple(args.lrs or [None]))
     out = Path(cfg.run.root) / f"{cfg.run.name}_comparison.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
     print(format_table(rows))
+    print(f"written to {out}")
     return 0
 
 

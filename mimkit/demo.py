@@ -4,7 +4,10 @@
               inside scikit-image / scikit-learn;
 2. tokenizer  train a tiny DALL-E dVAE on the shards (DeepSpeed ZeRO-2, 2 ranks) and export it;
 3. pretrain   BEiT masked-token prediction with that tokenizer (DeepSpeed ZeRO-2, 2 ranks), exported;
-4. finetune   the pretrained encoder vs a from-scratch one on 10% of the labels, the same budget;
+4. pretrain   MAE (pixel targets, no tokenizer) on the same shards, exported;
+5. pretrain   MILAN, the BEiT encoder standing in for CLIP as the teacher, exported;
+6. finetune   every export vs a from-scratch network of the same architecture on 10% of the labels, the
+              same budget, two seeds;
 then a results table and where the pictures are.
 
 Each stage runs as the command a user would type (printed before it runs), so the demo doubles as a
@@ -29,10 +32,12 @@ CONFIGS = REPO / "configs"
 # The demo's sizes. 64 px images with 8 px patches (an 8x8 grid: a shape spans several patches), a dVAE
 # tokenizer at 64 px (8x8 ids), and fine-tuning on 10% of the labels. See BENCHMARKS.md, "Does
 # pretraining help? (demo data)", for the trials behind these numbers.
-DEFAULTS = dict(images_per_class=200, val_per_class=50, tokenizer_steps=200, pretrain_steps=1000, milan_steps=200,
-                finetune_epochs=50)
+# 200 val images per class: at ~30 % top-1, 800 val images put the sampling noise near +-1.6 points.
+DEFAULTS = dict(images_per_class=200, val_per_class=200, tokenizer_steps=200, pretrain_steps=1000, mae_steps=1000,
+                milan_steps=200, finetune_epochs=50, finetune_seeds=(0, 1))
 PRESETS = dict(tokenizer=CONFIGS / "tokenizers" / "demo_dvae_cpu.yaml", pretrain=CONFIGS / "pretrain" / "demo_beit_cpu.yaml",
-               milan=CONFIGS / "pretrain" / "demo_milan_cpu.yaml", finetune=CONFIGS / "finetune" / "demo_cpu.yaml")
+               mae=CONFIGS / "pretrain" / "demo_mae_cpu.yaml", milan=CONFIGS / "pretrain" / "demo_milan_cpu.yaml",
+               finetune=CONFIGS / "finetune" / "demo_cpu.yaml")
 
 
 def run_stage(title: str, cmd: list[str], env: dict) -> float:
@@ -65,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="ranks per DeepSpeed stage (default: 2)")
     parser.add_argument("--tokenizer-steps", type=int, default=DEFAULTS["tokenizer_steps"])
     parser.add_argument("--pretrain-steps", type=int, default=DEFAULTS["pretrain_steps"])
+    parser.add_argument("--mae-steps", type=int, default=DEFAULTS["mae_steps"], help="MAE steps (0: skip MAE)")
     parser.add_argument("--milan-steps", type=int, default=DEFAULTS["milan_steps"],
                         help="MILAN steps with the BEiT export as teacher (0: skip MILAN)")
     parser.add_argument("--finetune-epochs", type=int, default=DEFAULTS["finetune_epochs"])
+    parser.add_argument("--finetune-seeds", type=int, nargs="+", default=list(DEFAULTS["finetune_seeds"]),
+                        help="fine-tuning seeds (each draws its own labelled subset); the table shows the mean")
     parser.add_argument("--images-per-class", type=int, default=DEFAULTS["images_per_class"],
                         help="demo train images per class (10%% of them keep their labels for fine-tuning)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every training stage (the data stays seed 0)")
@@ -109,52 +117,75 @@ def main(argv: list[str] | None = None) -> int:
             f"data.seed={args.seed}",
             f"data.shards={data.train_shard_pattern}", f"beit.tokenizer={tok_dir / 'export'}"], env)
 
+    mae_dir = out / "mae"
+    if args.mae_steps and not (mae_dir / "export" / "mimkit.json").exists():
+        times["mae"] = run_stage("4. pretrain: MAE, normalised-pixel targets", launcher(args.nproc, "mimkit.pretrain") + [
+            "--config", str(PRESETS["mae"]),
+            f"run.root={out}", "run.name=mae", f"run.steps={args.mae_steps}", f"run.seed={args.seed}",
+            f"data.seed={args.seed}", f"data.shards={data.train_shard_pattern}"], env)
+
     # MILAN needs a CLIP teacher; no weights can be downloaded here, so the demo's own BEiT encoder
     # (an export with a CLS token) is the teacher: its features and CLS attention are real, learned ones.
     milan_dir = out / "milan"
     if args.milan_steps and not (milan_dir / "export" / "mimkit.json").exists():
-        times["milan"] = run_stage("4. pretrain: MILAN, the BEiT encoder as teacher", launcher(args.nproc, "mimkit.pretrain") + [
+        times["milan"] = run_stage("5. pretrain: MILAN, the BEiT encoder as teacher", launcher(args.nproc, "mimkit.pretrain") + [
             "--config", str(PRESETS["milan"]),
             f"run.root={out}", "run.name=milan", f"run.steps={args.milan_steps}", f"run.seed={args.seed}",
             f"data.seed={args.seed}", f"data.shards={data.train_shard_pattern}",
             f"milan.teacher.export={beit_dir / 'export'}"], env)
 
     comparison = out / "finetune_comparison.json"
+    if comparison.exists() and "top1_runs" not in any_row(json.loads(comparison.read_text())):
+        comparison.unlink()  # an older mimkit's one-seed table: fine-tune again
     if not comparison.exists():
-        times["finetune"] = run_stage("5. finetune: BEiT-pretrained vs scratch, 10% of the labels",
+        inits = [f"{name}={folder / 'export'}" for name, folder in (("mae", mae_dir), ("beit", beit_dir), ("milan", milan_dir))
+                 if (folder / "export" / "mimkit.json").exists()]
+        times["finetune"] = run_stage("6. finetune: each export vs scratch, 10% of the labels",
                                       [sys.executable, "-m", "mimkit.finetune.compare_init",
-                                       "--init", str(beit_dir / "export"), "--linprobe",
+                                       *[f"--init={init}" for init in inits],
+                                       "--seeds", *map(str, args.finetune_seeds),
                                        "--config", str(PRESETS["finetune"]),
-                                       f"run.root={out}", "run.name=finetune", f"run.seed={args.seed}",
+                                       f"run.root={out}", "run.name=finetune",
                                        f"data.root={data.imagefolder_train.parent}", f"data.num_classes={len(data.class_names)}",
                                        "data.label_fraction=0.1",
                                        f"optim.epochs={args.finetune_epochs}"], env)
 
-    print_summary(out, tok_dir, beit_dir, milan_dir, comparison, times)
+    print_summary(out, tok_dir, beit_dir, mae_dir, milan_dir, comparison, times)
     return 0
 
 
-def print_summary(out: Path, tok_dir: Path, beit_dir: Path, milan_dir: Path, comparison: Path, times: dict) -> None:
+def any_row(rows: dict) -> dict:
+    return next(iter(rows.values()))
+
+
+def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan_dir: Path, comparison: Path,
+                  times: dict) -> None:
     rows = json.loads(comparison.read_text())
     print("\n=== results")
     print(f"{'stage':<32}{'metric':<18}{'first':>10}{'last':>10}")
     print("-" * 70)
     for label, run, key in (("tokenizer (dVAE)", tok_dir, "loss"), ("tokenizer (dVAE)", tok_dir, "codebook_usage"),
                             ("pretrain (BEiT)", beit_dir, "loss"), ("pretrain (BEiT)", beit_dir, "mlm_acc"),
+                            ("pretrain (MAE)", mae_dir, "loss"),
                             ("pretrain (MILAN)", milan_dir, "loss"), ("pretrain (MILAN)", milan_dir, "loss_masked")):
         series = first_and_last(run, key)
         if series:
             print(f"{label:<32}{key:<18}{series[0]:>10.4f}{series[1]:>10.4f}")
+    print(f"\nfine-tuning on {any_row(rows)['train_images']} labelled images (10 %), {any_row(rows)['count']} val images, "
+          f"mean of {len(any_row(rows)['top1_runs'])} seed(s); lead = points over the same network from scratch")
+    print(f"{'init':<32}{'val top-1 %':>12}{'+-':>6}{'lead':>8}")
+    print("-" * 58)
     for name, row in rows.items():
-        print(f"{'finetune: ' + name:<32}{'val top-1 %':<18}{'':>10}{row['top1']:>10.1f}")
+        lead = f"{row['lead']:+.1f}" if "lead" in row else ""
+        print(f"{name:<32}{row['top1']:>12.1f}{row['top1_std']:>6.1f}{lead:>8}")
     if times:
         print("\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("\nwhat was produced:")
     print(f"  tokenizer export   {tok_dir / 'export'}")
-    print(f"  pretrained exports {beit_dir / 'export'}, {milan_dir / 'export'}")
+    print(f"  pretrained exports {beit_dir / 'export'}, {mae_dir / 'export'}, {milan_dir / 'export'}")
     print(f"  metrics            {out}/*/metrics.jsonl")
     print(f"  TensorBoard        tensorboard --logdir {out}")
-    for folder in (tok_dir / "pictures", beit_dir / "pictures", milan_dir / "pictures"):
+    for folder in (tok_dir / "pictures", beit_dir / "pictures", mae_dir / "pictures", milan_dir / "pictures"):
         pictures = sorted(p.name for p in folder.glob("*.png"))
         if pictures:
             print(f"  pictures           {folder}: {', '.join(pictures[:6])}{' ...' if len(pictures) > 6 else ''}")
