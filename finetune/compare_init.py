@@ -11,7 +11,8 @@ Scratch is the same network by construction: when an init is a mimkit export, it
 the export's mimkit.json (patch size, width, depth, position scheme, ...) and pixel normalisation with fresh
 weights; exports whose fine-tuning networks are identical (e.g. MAE and MILAN) share one scratch arm.
 `model.preset` only serves foreign checkpoints. With several lrs, each arm is scored at its own best lr
-(mean over seeds), so scratch is not held to a recipe tuned for pretrained weights. `--linprobe` adds the
+(mean over seeds), so scratch is not held to a recipe tuned for pretrained weights (the lr is picked on the
+val set it reports, alike for every arm: a comparison, not a held-out accuracy). `--linprobe` adds the
 MAE protocol: a linear probe on the frozen pretrained encoder vs on a frozen random one.
 """
 

@@ -5,7 +5,6 @@ on 800 val images, over 3 fine-tuning seeds (each draws its own 80 labelled imag
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
