@@ -24,7 +24,6 @@ headline rate divides by this process's CPU time, which other load on a shared m
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import json

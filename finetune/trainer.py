@@ -22,7 +22,6 @@ random augmentations differ (the loader draws them ahead of the step, and worker
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import random
@@ -40,7 +39,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
-from mimkit.config import parse_cli, save_config, to_dict
+from mimkit.config import parse_cli, save_config
 from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 from mimkit.finetune.class_data import build_dataset, build_transform, dataset_targets, label_subset
 from mimkit.finetune.classification import build_classifier

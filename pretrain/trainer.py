@@ -29,7 +29,7 @@ from mimkit.config import parse_cli, save_config, to_dict
 from mimkit.data.stream import build_stream, derive_seed
 from mimkit.distributed.engine import Engine, build_ds_config, environment_summary
 from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
-from mimkit.optim import Schedule, param_groups, resolve_lr
+from mimkit.optim import Schedule, param_groups
 from mimkit.pretrain.config import PretrainConfig
 from mimkit.pretrain.objectives import build_objective
 from mimkit.runlog import MetricsLogger, make_run_dir, progress

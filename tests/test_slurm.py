@@ -245,7 +245,6 @@ def test_finetune_script_gives_accelerate_the_machine_rank_and_main_address(tmp_
                   SLURM_JOB_ID="12", SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="4")
     dry = run(["bash", str(ROOT / "slurm" / "finetune.sh"), str(tmp_path / "ft.yaml"), "model.init=x"], env=env)
     assert dry.returncode == 0, dry.stderr
-    import shlex
     srun_cmd = shlex.split(dry.stdout.splitlines()[0])
     assert srun_cmd[0] == "srun" and "--ntasks-per-node=1" in srun_cmd
     task_cmd = srun_cmd[srun_cmd.index(str(fake_python)):]
