@@ -89,3 +89,20 @@ def test_latest_pointer_and_half_written_checkpoint(ranks, tmp_path):
     (tmp_path / "ckpt" / "latest").write_text("step_00000009")
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         bad.resolve("auto")
+
+
+
+def test_two_micro_batches_of_four_equal_one_batch_of_eight_on_two_ranks(tmp_path):
+    # grad_accum > 1 on 2 ranks: DeepSpeed scales each micro-batch loss by 1/2 and steps once per window,
+    # so grad norms and the trained model equal those of whole batches (up to float summation order)
+    stages = (0, 2, 3)
+    run_torchrun(SCRIPTS / "accum_check.py", [tmp_path, ",".join(map(str, stages))], cwd=tmp_path, timeout=400)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for stage in stages:
+            one, two = result[str(stage)]["accum1"], result[str(stage)]["accum2"]
+            assert one["boundaries"] == [True] * 6 and two["boundaries"] == [False, True] * 6
+            assert one["before"] == two["before"]  # same init
+            assert max(abs(a - b) for a, b in zip(one["before"], one["after"])) > 0.05  # training moved it
+            assert two["after"] == pytest.approx(one["after"], rel=1e-4, abs=1e-5), f"ZeRO-{stage}"
+            assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-4), f"ZeRO-{stage}"
