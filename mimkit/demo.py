@@ -102,40 +102,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{data.num_train} train / {data.num_val} val images of {len(data.class_names)} classes "
           f"({', '.join(data.class_names)}) in {out / 'data'}")
 
-    tok_dir = out / "tokenizer"
-    if not (tok_dir / "export" / "mimkit.json").exists():
-        times["tokenizer"] = run_stage("2. tokenizer: tiny DALL-E dVAE", launcher(args.nproc, "mimkit.tokenizers") + [
-            "--config", str(PRESETS["tokenizer"]),
-            f"run.root={out}", "run.name=tokenizer", f"run.steps={args.tokenizer_steps}", f"run.seed={args.seed}",
-            f"data.shards={data.train_shard_pattern}"], env)
+    def stage(key: str, title: str, module: str, name: str, steps: int, *extra: str) -> Path:
+        """Run one DeepSpeed stage into OUT/NAME unless its export exists; its folder."""
+        run_dir = out / name
+        if not (run_dir / "export" / "mimkit.json").exists():
+            times[key] = run_stage(title, launcher(args.nproc, module) + [
+                "--config", str(PRESETS[key]), f"run.root={out}", f"run.name={name}", f"run.steps={steps}",
+                f"run.seed={args.seed}", f"data.shards={data.train_shard_pattern}", *extra], env)
+        return run_dir
 
-    beit_dir = out / "beit"
-    if not (beit_dir / "export" / "mimkit.json").exists():
-        times["pretrain"] = run_stage("3. pretrain: BEiT on the dVAE's tokens", launcher(args.nproc, "mimkit.pretrain") + [
-            "--config", str(PRESETS["pretrain"]),
-            f"run.root={out}", "run.name=beit", f"run.steps={args.pretrain_steps}", f"run.seed={args.seed}",
-            f"data.seed={args.seed}",
-            f"data.shards={data.train_shard_pattern}", f"beit.tokenizer={tok_dir / 'export'}"], env)
-
+    tok_dir = stage("tokenizer", "2. tokenizer: tiny DALL-E dVAE", "mimkit.tokenizers", "tokenizer", args.tokenizer_steps)
+    beit_dir = stage("pretrain", "3. pretrain: BEiT on the dVAE's tokens", "mimkit.pretrain", "beit", args.pretrain_steps,
+                     f"data.seed={args.seed}", f"beit.tokenizer={tok_dir / 'export'}")
     mae_dir = out / "mae"
-    if args.mae_steps and not (mae_dir / "export" / "mimkit.json").exists():
-        times["mae"] = run_stage("4. pretrain: MAE, normalised-pixel targets", launcher(args.nproc, "mimkit.pretrain") + [
-            "--config", str(PRESETS["mae"]),
-            f"run.root={out}", "run.name=mae", f"run.steps={args.mae_steps}", f"run.seed={args.seed}",
-            f"data.seed={args.seed}", f"data.shards={data.train_shard_pattern}"], env)
-
+    if args.mae_steps:
+        stage("mae", "4. pretrain: MAE, normalised-pixel targets", "mimkit.pretrain", "mae", args.mae_steps,
+              f"data.seed={args.seed}")
     # MILAN needs a CLIP teacher; no weights can be downloaded here, so the demo's own BEiT encoder
     # (an export with a CLS token) is the teacher: its features and CLS attention are real, learned ones.
     milan_dir = out / "milan"
-    if args.milan_steps and not (milan_dir / "export" / "mimkit.json").exists():
-        times["milan"] = run_stage("5. pretrain: MILAN, the BEiT encoder as teacher", launcher(args.nproc, "mimkit.pretrain") + [
-            "--config", str(PRESETS["milan"]),
-            f"run.root={out}", "run.name=milan", f"run.steps={args.milan_steps}", f"run.seed={args.seed}",
-            f"data.seed={args.seed}", f"data.shards={data.train_shard_pattern}",
-            f"milan.teacher.export={beit_dir / 'export'}"], env)
+    if args.milan_steps:
+        stage("milan", "5. pretrain: MILAN, the BEiT encoder as teacher", "mimkit.pretrain", "milan", args.milan_steps,
+              f"data.seed={args.seed}", f"milan.teacher.export={beit_dir / 'export'}")
 
     comparison = out / "finetune_comparison.json"
-    if comparison.exists() and "top1_runs" not in any_row(json.loads(comparison.read_text())):
+    if comparison.exists() and "top1_runs" not in next(iter(json.loads(comparison.read_text()).values())):
         comparison.unlink()  # an older mimkit's one-seed table: fine-tune again
     if not comparison.exists():
         inits = [f"{name}={folder / 'export'}" for name, folder in (("mae", mae_dir), ("beit", beit_dir), ("milan", milan_dir))
@@ -154,10 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def any_row(rows: dict) -> dict:
-    return next(iter(rows.values()))
-
-
 def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan_dir: Path, comparison: Path,
                   times: dict) -> None:
     rows = json.loads(comparison.read_text())
@@ -171,13 +158,9 @@ def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan
         series = first_and_last(run, key)
         if series:
             print(f"{label:<32}{key:<18}{series[0]:>10.4f}{series[1]:>10.4f}")
-    print(f"\nfine-tuning on {any_row(rows)['train_images']} labelled images (10 %), {any_row(rows)['count']} val images, "
-          f"mean of {len(any_row(rows)['top1_runs'])} seed(s); lead = points over the same network from scratch")
-    print(f"{'init':<32}{'val top-1 %':>12}{'+-':>6}{'lead':>8}")
-    print("-" * 58)
-    for name, row in rows.items():
-        lead = f"{row['lead']:+.1f}" if "lead" in row else ""
-        print(f"{name:<32}{row['top1']:>12.1f}{row['top1_std']:>6.1f}{lead:>8}")
+    from mimkit.finetune.compare_init import format_table  # here: it imports the trainer (accelerate, timm)
+
+    print("\n" + format_table(rows))
     if times:
         print("\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("\nwhat was produced:")
