@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -96,6 +96,25 @@ def load_config(schema: type[T], config_file: str | os.PathLike | None = None,
     return obj  # type: ignore[return-value]
 
 
+def load_section(schema: type[T], values: Any, prefix: str) -> T:
+    """A config section whose schema is chosen at run time (pretraining's `method`, picked by
+    `objective`): validate `values` (a dict, or None for the defaults) against `schema`; errors name
+    the key as `prefix.key`."""
+    if dataclasses.is_dataclass(values) and not isinstance(values, type):
+        values = OmegaConf.to_container(OmegaConf.structured(values))
+    section = OmegaConf.structured(schema)
+    try:
+        section = OmegaConf.merge(section, OmegaConf.create(values or {}))
+        return OmegaConf.to_object(section)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+        full = f"{prefix}.{key}"
+        if isinstance(err, ConfigKeyError):
+            hint = _closest(full, [f"{prefix}.{k}" for k in schema_keys(schema)])
+            raise ConfigError(f"unknown config key '{full}' for {schema.__name__}{hint}") from None
+        raise ConfigError(f"bad value for config key '{full}': {str(err).splitlines()[0]}") from None
+
+
 def to_yaml(config: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
@@ -114,8 +133,10 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
 
 
 def parse_cli(schema: type[T], argv: Sequence[str] | None = None, prog: str | None = None,
-              description: str | None = None) -> T:
-    """``--config FILE [dotted.key=value ...]``; also accepts the ``--local_rank`` that launchers pass."""
+              description: str | None = None, finish: Callable[[T], T] | None = None) -> T:
+    """``--config FILE [dotted.key=value ...]``; also accepts the ``--local_rank`` that launchers pass.
+    ``finish(cfg)`` completes the config (a section chosen by another key); its ConfigErrors are
+    reported like the schema's."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -124,7 +145,8 @@ def parse_cli(schema: type[T], argv: Sequence[str] | None = None, prog: str | No
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
-        return load_config(schema, args.config, args.overrides)
+        cfg = load_config(schema, args.config, args.overrides)
+        return finish(cfg) if finish is not None else cfg
     except ConfigError as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits

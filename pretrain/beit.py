@@ -2,11 +2,11 @@
 
 A batch goes, in order:
 
-1. The data stream draws a block mask per image (`BlockMaskGenerator`, reseeded per batch so a resumed
-   run draws the same masks) and gives two views of one crop: `image` for the ViT, `image_tok` at the
-   tokenizer's size and normalisation (read from the tokenizer export).
-2. `TokenTargets` (under no-grad, outside the engine): the frozen tokenizer turns `image_tok` into ids
-   [B, N], one per patch.
+1. The data stream gives two views of one crop, `image` for the ViT and `image_tok` at the
+   tokenizer's size and normalisation (the Objective's `second_view`, read from the tokenizer export),
+   and a block mask per image (`BlockMasks`, drawn in the data workers, seeded per batch).
+2. `TokenizerTargets` (under no-grad, outside the engine): the frozen tokenizer turns `image_tok` into
+   ids [B, N], one per patch.
 3. `MaskedTokenPrediction` (the trainable model, inside the engine): the ViT encodes all patches with
    the masked ones replaced by the mask token; a linear head predicts the ids at masked positions;
    cross-entropy. BEiT v2 (`MaskedTokenPredictionV2`) adds a 2-block head that sees the final CLS
@@ -19,65 +19,41 @@ BEiT and PeCo differ only in the tokenizer export (DALL-E dVAE vs perceptual VQ 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mimkit.data.masking import BlockMaskGenerator
-from mimkit.models.tokenizer_export import Tokenizer, load_tokenizer
+from mimkit.data.masking import BlockMasks
+from mimkit.data.transforms import SecondView
+from mimkit.models.tokenizer_export import load_tokenizer
 from mimkit.models.vit import Block, VisionTransformer
+from mimkit.pretrain.objective import Method, Objective
+from mimkit.pretrain.parts import TokenizerTargets
 
-# ---- targets: the frozen tokenizer ----------------------------------------------------------------
+
+@dataclass
+class BeitConfig:
+    """BEiT / PeCo: the `method:` section."""
+
+    tokenizer: str = ""  # a tokenizer export folder (model.safetensors + mimkit.json)
+    num_masked: int = 75  # patches masked per image (75 of 196 in the paper)
+    min_block: int = 16  # smallest block, in patches
+    max_block: Optional[int] = None  # None: up to the remaining count
+    min_aspect: float = 0.3
+    tokenizer_precision: str = "fp32"  # the frozen tokenizer's own dtype (fp32 | bf16)
 
 
-class TokenTargets:
-    """`batch -> {"ids": [B, N] long}` from the tokenizer view; also the stream's mask source and the
-    tokenizer view's settings, so the data pipeline follows the export."""
+@dataclass
+class BeitV2Config(BeitConfig):
+    """BEiT v2: BEiT's section plus the CLS head."""
 
-    def __init__(self, tokenizer: Tokenizer, grid: tuple[int, int], mask_fn: BlockMaskGenerator,
-                 patch_size: int, pixel_mean, pixel_std):
-        self.tokenizer = tokenizer
-        self.grid = tuple(grid)
-        self.mask_fn = mask_fn
-        self.patch_size = patch_size
-        self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
-        if tuple(tokenizer.grid) != self.grid:
-            raise ValueError(f"tokenizer grid {tuple(tokenizer.grid)} != ViT patch grid {self.grid}: every patch "
-                             "needs one target id (match model.img_size / patch_size to the tokenizer's input)")
-        if mask_fn.num_masked >= grid[0] * grid[1]:
-            raise ValueError(f"beit.num_masked={mask_fn.num_masked} leaves no visible patch of {grid[0] * grid[1]}")
-
-    def data_overrides(self) -> dict:
-        """The tokenizer view must be what the tokenizer was trained on."""
-        h, w = self.tokenizer.input_size
-        if h != w:
-            raise ValueError(f"square tokenizer inputs only, got {self.tokenizer.input_size}")
-        return {"tok_size": h, "tok_interpolation": self.tokenizer.interpolation,
-                "tok_mean": list(self.tokenizer.mean), "tok_std": list(self.tokenizer.std)}
-
-    def to(self, device) -> "TokenTargets":
-        self.tokenizer.to(device)
-        return self
-
-    def state_dict(self) -> dict:
-        return {}  # masks are reseeded per batch by the stream; the tokenizer is frozen
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    @torch.no_grad()
-    def __call__(self, batch: dict) -> dict:
-        ids = self.tokenizer.tokenize(batch["image_tok"])  # [B, h, w]
-        return {"ids": ids.flatten(1)}  # [B, N], row-major like the patch sequence
-
-    def picture(self, model: nn.Module, batch: dict, targets: dict, path) -> Path:
-        """The ViT view with its masked patches greyed out (rank 0 only)."""
-        from mimkit.pictures import denormalize, save_mask_overlay
-
-        images = denormalize(batch["image"].float().cpu(), self.pixel_mean, self.pixel_std)
-        return save_mask_overlay(images, batch["mask"].cpu(), self.patch_size, path)
+    early_layer: int = 9  # the head reads the patch states after this block (1-based)
+    head_depth: int = 2  # blocks of the CLS head
+    head_loss_weight: float = 1.0  # weight of the CLS-head CE term
 
 
 # ---- the trainable model --------------------------------------------------------------------------
@@ -102,11 +78,11 @@ class MaskedTokenPrediction(nn.Module):
         nn.init.trunc_normal_(self.lm_head.weight, std=0.02)
         nn.init.zeros_(self.lm_head.bias)
 
-    def forward(self, batch: dict, targets: dict) -> dict:
+    def forward(self, batch: dict) -> dict:
         mask = batch["mask"]  # [B, N] bool, True = masked
         tokens = self.encoder.forward_features(batch["image"], mask=mask)  # [B, P + N, D]
         patches = tokens[:, self.encoder.num_prefix_tokens:]  # [B, N, D]
-        loss, acc = masked_ce(self.lm_head(patches[mask]), targets["ids"][mask])  # [M, V] vs [M]
+        loss, acc = masked_ce(self.lm_head(patches[mask]), batch["ids"][mask])  # [M, V] vs [M]
         return {"loss": loss, "mlm_acc": acc}
 
 
@@ -119,7 +95,7 @@ class MaskedTokenPredictionV2(MaskedTokenPrediction):
         super().__init__(encoder, vocab_size)
         depth = len(encoder.blocks)
         if not 1 <= early_layer <= depth:
-            raise ValueError(f"beit.early_layer={early_layer} must be in 1..{depth} (the encoder depth)")
+            raise ValueError(f"method.early_layer={early_layer} must be in 1..{depth} (the encoder depth)")
         if encoder.num_prefix_tokens != 1:
             raise ValueError("BEiT v2 needs a CLS token (model.class_token=true)")
         self.early_layer = early_layer
@@ -133,8 +109,8 @@ class MaskedTokenPredictionV2(MaskedTokenPrediction):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, batch: dict, targets: dict) -> dict:
-        mask, ids = batch["mask"], targets["ids"]
+    def forward(self, batch: dict) -> dict:
+        mask, ids = batch["mask"], batch["ids"]
         enc = self.encoder
         final, (early,) = enc.forward_intermediates(batch["image"], [self.early_layer - 1], mask=mask)
         loss_final, acc = masked_ce(self.lm_head(final[:, 1:][mask]), ids[mask])
@@ -151,29 +127,45 @@ class MaskedTokenPredictionV2(MaskedTokenPrediction):
 # ---- build ----------------------------------------------------------------------------------------
 
 
-def _parts(cfg) -> tuple[VisionTransformer, Tokenizer, TokenTargets]:
-    if not cfg.beit.tokenizer:
-        raise ValueError("beit.tokenizer is not set: give a tokenizer export folder (beit.tokenizer=runs/tok/export)")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.beit.tokenizer_precision]
-    tokenizer = load_tokenizer(cfg.beit.tokenizer).to(dtype=dtype)
+def _mask_overlay(pixel_mean, pixel_std, patch_size: int):
+    def picture(model: nn.Module, batch: dict, path: Path) -> None:
+        """The ViT view with its masked patches greyed out."""
+        from mimkit.pictures import denormalize, save_mask_overlay
+
+        images = denormalize(batch["image"].float().cpu(), pixel_mean, pixel_std)
+        save_mask_overlay(images, batch["mask"].cpu(), patch_size, path)
+
+    return picture
+
+
+def build(cfg, m: BeitConfig) -> Objective:
+    """`beit`, `peco` and (with a BeitV2Config) `beitv2`: the Objective from a PretrainConfig."""
+    if not m.tokenizer:
+        raise ValueError("method.tokenizer is not set: give a tokenizer export folder "
+                         "(method.tokenizer=runs/tok/export)")
+    if m.tokenizer_precision not in ("fp32", "bf16"):
+        raise ValueError(f"method.tokenizer_precision={m.tokenizer_precision!r}: expected fp32 or bf16")
+    tokenizer = load_tokenizer(m.tokenizer).to(dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[m.tokenizer_precision])
     encoder = VisionTransformer(copy.deepcopy(cfg.model))
-    b = cfg.beit
-    mask_fn = BlockMaskGenerator(encoder.grid_size, b.num_masked, b.min_block, b.max_block, b.min_aspect,
-                                 seed=cfg.run.seed)
-    targets = TokenTargets(tokenizer, encoder.grid_size, mask_fn, encoder.patch_embed.patch_size[0],
-                           cfg.data.mean, cfg.data.std)
-    return encoder, tokenizer, targets
+    grid = tuple(encoder.grid_size)
+    if tuple(tokenizer.grid) != grid:
+        raise ValueError(f"tokenizer grid {tuple(tokenizer.grid)} != ViT patch grid {grid}: every patch needs one "
+                         "target id (match model.img_size / patch_size to the tokenizer's input)")
+    h, w = tokenizer.input_size
+    if h != w:
+        raise ValueError(f"square tokenizer inputs only, got {tokenizer.input_size}")
+    if isinstance(m, BeitV2Config):
+        model = MaskedTokenPredictionV2(encoder, tokenizer.vocab_size, m.early_layer, m.head_depth, m.head_loss_weight)
+    else:
+        model = MaskedTokenPrediction(encoder, tokenizer.vocab_size)
+    targets = TokenizerTargets(tokenizer, str(Path(m.tokenizer).expanduser().resolve()))
+    # The tokenizer view must be what the tokenizer was trained on.
+    view = SecondView(h, tokenizer.interpolation, tuple(tokenizer.mean), tuple(tokenizer.std))
+    return Objective(model=model, targets=targets,
+                     masks=BlockMasks(grid, m.num_masked, m.min_block, m.max_block, m.min_aspect),
+                     second_view=view, picture=_mask_overlay(cfg.data.mean, cfg.data.std, encoder.patch_embed.patch_size[0]),
+                     export_meta=targets.describe())
 
 
-def build(cfg):
-    """`beit` and `peco`: (model, targets) from a PretrainConfig."""
-    encoder, tokenizer, targets = _parts(cfg)
-    return MaskedTokenPrediction(encoder, tokenizer.vocab_size), targets
-
-
-def build_v2(cfg):
-    """`beitv2`: (model, targets) from a PretrainConfig."""
-    encoder, tokenizer, targets = _parts(cfg)
-    b = cfg.beit
-    model = MaskedTokenPredictionV2(encoder, tokenizer.vocab_size, b.early_layer, b.head_depth, b.head_loss_weight)
-    return model, targets
+BEIT = Method(BeitConfig, build)
+BEITV2 = Method(BeitV2Config, build)

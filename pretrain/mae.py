@@ -1,30 +1,27 @@
-"""MAE (arXiv 2111.06377) from MILAN's parts: uniform random masking (75%), normalised-pixel targets,
-the MAE decoder (all tokens attend to each other), mean squared error on the masked patches.
+"""MAE (arXiv 2111.06377): uniform random masking (75%), the encoder sees the visible patches only,
+the MAE decoder (mask tokens scattered in, every token attends to every token), mean squared error
+on the masked patches of the image's own pixels, each patch normalised by its mean and variance.
 
-No teacher: the targets are the image's own patches, each normalised by its mean and variance.
-The composition and the loop over a batch live in pretrain/milan.py (`MaskedRegressionModel`).
+No teacher and no tokenizer: the targets are the image itself. The parts are in parts.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mimkit.pretrain.milan import MaskedRegressionConfig, build_encoder, build_parts
+from mimkit.pretrain.objective import Method
+from mimkit.pretrain.parts import RegressionConfig, masked_regression
 
 
 @dataclass
-class MaeConfig(MaskedRegressionConfig):
+class MaeConfig(RegressionConfig):
     mask_source: str = "random"
+    mask_ratio: float = 0.75
     target: str = "pixels"
     norm_pix: bool = True
     decoder: str = "mae"
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
     loss: str = "mse"
     loss_on: str = "masked"
 
 
-def build(cfg):
-    """The objective table's entry for `mae`: (model, targets) from a PretrainConfig."""
-    return build_parts(cfg.mae, build_encoder(cfg), cfg.data.mean, cfg.data.std)
+MAE = Method(MaeConfig, masked_regression)

@@ -1,27 +1,40 @@
-"""The objective table: `objective` name -> `build(cfg) -> (model, targets)`.
-
-`model` is the trainable module that goes into the engine (`model(batch, targets) -> {"loss", ...}`);
-`targets` is a callable `batch -> dict` holding the frozen tokenizer or teacher, called under no-grad
-outside the engine. See ARCHITECTURE.md, "Stages".
+"""The objective table: `objective` name -> the method ("module:attribute", a `Method`: its config
+section and its build function). Explicit, not a registry: grep a name to find its file. A method's
+module is imported only when a run picks it (MILAN's pulls in open_clip, BEiT's does not).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import difflib
+import importlib
 
-from mimkit.pretrain import beit, eva, mae, milan
+from mimkit.config import ConfigError, load_section
+from mimkit.pretrain.objective import Method, Objective
 
-OBJECTIVES: dict[str, Callable] = {
-    "beit": beit.build,  # DALL-E dVAE tokens
-    "peco": beit.build,  # the same, perceptual-codebook tokens (another tokenizer export)
-    "beitv2": beit.build_v2,  # VQ-KD tokens + CLS head on an early layer
-    "milan": milan.build,  # CLIP features, guided masking, prompting decoder
-    "mae": mae.build,  # normalised pixels
-    "eva": eva.build,  # CLIP features at masked positions
+OBJECTIVES: dict[str, str] = {
+    "beit": "mimkit.pretrain.beit:BEIT",  # DALL-E dVAE tokens
+    "peco": "mimkit.pretrain.beit:BEIT",  # the same, perceptual-codebook tokens (another tokenizer export)
+    "beitv2": "mimkit.pretrain.beit:BEITV2",  # VQ-KD tokens + CLS head on an early layer
+    "milan": "mimkit.pretrain.milan:MILAN",  # teacher features, guided masking, prompting decoder
+    "mae": "mimkit.pretrain.mae:MAE",  # normalised pixels
+    "eva": "mimkit.pretrain.eva:EVA",  # teacher features at masked positions
 }
 
 
-def build_objective(cfg):
-    if cfg.objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {cfg.objective!r}; known: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[cfg.objective](cfg)
+def method_for(objective: str) -> Method:
+    if objective not in OBJECTIVES:
+        match = difflib.get_close_matches(objective, OBJECTIVES, n=1)
+        hint = f" (did you mean '{match[0]}'?)" if match else ""
+        raise ConfigError(f"bad value for config key 'objective': {objective!r}{hint}; known: {sorted(OBJECTIVES)}")
+    module, attribute = OBJECTIVES[objective].split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def resolve_method(cfg):
+    """The run's `method:` section validated against the chosen objective's schema (parse time)."""
+    cfg.method = load_section(method_for(cfg.objective).config, cfg.method, "method")
+    return cfg
+
+
+def build_objective(cfg) -> Objective:
+    return method_for(cfg.objective).build(cfg, cfg.method)

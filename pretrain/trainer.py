@@ -1,222 +1,200 @@
-"""The pretraining loop: any objective from `objectives.py` on the DeepSpeed engine.
+"""Pretraining: any objective from `objectives.py` on the DeepSpeed engine, run by the shared loop
+skeleton (`mimkit.distributed.loop`).
 
-    deepspeed pretrain --config configs/pretrain/beit_vit_b16.yaml beit.tokenizer=runs/tok/export
+    deepspeed pretrain --config configs/pretrain/beit_vit_b16.yaml method.tokenizer=runs/tok/export
     torchrun --nproc_per_node 2 -m mimkit.pretrain --config configs/pretrain/beit_tiny_cpu.yaml
 
-Per step: schedule -> (per micro-batch) batch -> targets under no-grad (frozen tokenizer / teacher,
-outside the engine) -> model forward in the engine -> `train_step` (non-finite steps skipped on every
-rank) -> metrics (all-reduced over ranks on log steps) -> checkpoint every `save_every` and at the end
--> export. A resumed run continues the same data stream, masks and RNG, so it repeats the losses of an
-uninterrupted run exactly (fp32).
+`train` is the setup (objective, engine, stream, checkpoint store, resume); `PretrainStep` is the loop
+body: per micro-batch, batch -> targets under no-grad (frozen tokenizer / teacher, outside the engine)
+-> masks that need the targets -> the model in the engine -> `train_step` (non-finite steps skipped on
+every rank). A resumed run continues the same data stream, masks and RNG, so it repeats the losses of
+an uninterrupted run exactly (fp32).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-import os
-import signal
 import sys
-import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from mimkit.checkpoint.export import export_run
 from mimkit.checkpoint.store import CheckpointStore
 from mimkit.config import parse_cli, save_config, to_dict
-from mimkit.data.stream import build_stream, derive_seed
+from mimkit.data.stream import StreamLoader, build_stream, derive_seed
 from mimkit.distributed.engine import Engine, build_ds_config, environment_summary
-from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
+from mimkit.distributed.loop import LoopConfig, Preempted, endless, train_loop
+from mimkit.distributed.preempt import PreemptionFlag
 from mimkit.optim import Schedule, param_groups
 from mimkit.pretrain.config import PretrainConfig
-from mimkit.pretrain.objectives import build_objective
+from mimkit.pretrain.objective import Objective
+from mimkit.pretrain.objectives import build_objective, resolve_method
 from mimkit.runlog import MetricsLogger, make_run_dir, progress
 
 
-class WindowMeter:
-    """Scalar metrics summed over the micro-batches since the last log, averaged over ranks on read."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-        self.skipped_samples = 0
-        self.started = time.perf_counter()
-
-    def add(self, values: dict[str, Any]) -> None:
-        for key, value in values.items():
-            if value is None:
-                continue
-            value = float(value.detach()) if torch.is_tensor(value) else float(value)
-            if value == value and abs(value) != float("inf"):  # a skipped NaN step must not poison the mean
-                self.sums[key] += value
-                self.counts[key] += 1
-
-    def read(self) -> dict[str, float]:
-        """Collective: every rank calls it on the same steps. Means over ranks and micro-batches."""
-        keys = sorted(self.sums)
-        t = torch.tensor([self.sums[k] for k in keys] + [self.counts[k] for k in keys] + [self.skipped_samples],
-                         dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t)
-        n = len(keys)
-        out = {k: t[i].item() / max(1.0, t[n + i].item()) for i, k in enumerate(keys)}
-        out["skipped_samples"] = int(t[-1].item())
-        return out
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
+def mask_generator(seed: int, rank: int, index: int) -> torch.Generator:
+    """The CPU generator of the `index`-th micro-batch's masks on `rank`: a function of the position
+    alone, so a resumed run draws the same masks without saving any state."""
+    mixed = int.from_bytes(hashlib.blake2b(repr((seed, rank, index)).encode(), digest_size=8).digest(), "little")
+    return torch.Generator().manual_seed(mixed >> 1)
 
 
-def _apply_data_overrides(cfg: PretrainConfig, targets: Any) -> dict:
-    """The objective fixes parts of the data pipeline (the tokenizer view follows the tokenizer export)."""
-    overrides = targets.data_overrides() if hasattr(targets, "data_overrides") else {}
-    for key, value in overrides.items():
-        setattr(cfg.data, key, value)
-    return overrides
+class PretrainStep:
+    """The loop body (`mimkit.distributed.loop.StepBody`) of a pretraining run."""
+
+    def __init__(self, cfg: PretrainConfig, engine: Engine, objective: Objective, stream: StreamLoader,
+                 schedule: Schedule, store: CheckpointStore, run_dir: Path):
+        self.cfg, self.engine, self.objective, self.stream = cfg, engine, objective, stream
+        self.schedule, self.store, self.run_dir = schedule, store, run_dir
+        self.global_batch = cfg.data.batch_size * engine.world_size * cfg.engine.grad_accum
+        self.batch: dict | None = None  # the last micro-batch, for pictures
+        self.lr = 0.0
+        self.saved_step = -1
+
+    def begin_step(self, step: int) -> None:
+        self.engine.set_schedule(self.schedule.lr_at(step), self.schedule.weight_decay_at(step))
+        self.micro = 0
+
+    def micro_step(self, step: int, raw: dict) -> dict[str, Any]:
+        batch = self.engine.to_model(self.stream.device_transform(raw))
+        skipped = int(batch.pop("skipped", 0))
+        with torch.no_grad():
+            batch.update(self.objective.targets(batch))
+            masks = self.objective.masks
+            if masks.needs_scores:  # drawn here, not in the stream: they read the targets' scores
+                g = mask_generator(self.cfg.run.seed, self.engine.rank, step * self.cfg.engine.grad_accum + self.micro)
+                drawn = masks(batch["image"].shape[0], g, batch["scores"])
+                batch.update({k: v.to(self.engine.device) for k, v in drawn.items()})
+        self.micro += 1
+        out = self.engine(batch)
+        result = self.engine.train_step(self.cfg.debug.poison(out["loss"], step, self.engine.rank))
+        self.batch, self.lr = batch, result.lr
+        metrics = {k: v for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        metrics["skipped_samples"] = skipped
+        if result.boundary:
+            metrics["grad_norm"] = result.grad_norm
+        return metrics
+
+    def save(self, step: int) -> None:
+        cfg = self.cfg
+        client = {"samples": step * self.global_batch, "objective": cfg.objective, "config": to_dict(cfg),
+                  "export_meta": {"method": cfg.objective, **self.objective.export_meta}}
+        self.store.save(self.engine, step, client, rank_state={"stream": self.stream.state_dict()})
+        self.saved_step = step
+
+    def picture(self, step: int, first_step: int) -> None:
+        """Rank 0, on the first step and every `picture_every`. A picture that runs the model needs every
+        parameter on this rank, so not under ZeRO-3."""
+        every = self.cfg.run.picture_every
+        if self.engine.rank != 0 or self.objective.picture is None or not (
+                step == first_step + 1 or (every and step % every == 0)):
+            return
+        if self.objective.picture_runs_model and self.engine.cfg.zero_stage == 3:
+            return
+        try:
+            self.objective.picture(self.engine.module, self.batch, self.run_dir / "pictures" / f"masks_{step:07d}.png")
+        except Exception as err:  # a picture never ends a run
+            print(f"[pretrain] picture at step {step} failed: {err}", file=sys.stderr)
 
 
-def _batches(stream):
-    """Endless: the stream yields one epoch (the rest of it after a resume) per iteration."""
-    while True:
-        yield from stream
-
-
-def _save(store: CheckpointStore, engine: Engine, cfg: PretrainConfig, step: int, samples: int, stream,
-          targets) -> None:
-    client = {"samples": samples, "objective": cfg.objective, "config": to_dict(cfg)}
-    store.save(engine, step, client, rank_state={"stream": stream.state_dict(), "targets": targets.state_dict()})
-
-
-def _picture(cfg: PretrainConfig, engine: Engine, targets, batch, t, run_dir: Path, step: int) -> None:
-    """Rank 0 only. Pictures that run the model need every parameter here, so not under ZeRO-3."""
-    if engine.rank != 0 or not hasattr(targets, "picture"):
-        return
-    if engine.cfg.zero_stage == 3 and cfg.objective not in ("beit", "peco", "beitv2"):
-        return
-    try:
-        targets.picture(engine.module, batch, t, run_dir / "pictures" / f"masks_{step:07d}.png")
-    except Exception as err:  # a picture never ends a run
-        print(f"[pretrain] picture at step {step} failed: {err}", file=sys.stderr)
-
-
-def _export(run_dir: Path, engine: Engine) -> None:
-    try:
-        from mimkit.checkpoint.export import export_run
-    except ImportError:
-        return
-    if engine.rank == 0:
-        out = export_run(run_dir)
-        print(f"[pretrain] export written to {out}")
-    if dist.is_initialized():
-        dist.barrier()
+def describe_run(cfg: PretrainConfig, engine: Engine, objective: Objective, schedule: Schedule, run_dir: Path,
+                 start: int, resumed: bool) -> None:
+    """Rank 0: the resolved config, environment.json, and one line saying what runs."""
+    global_batch = cfg.data.batch_size * engine.world_size * cfg.engine.grad_accum
+    save_config(cfg, run_dir / "config.yaml")
+    env = environment_summary(engine)
+    rule = (f"lr {cfg.optim.lr} x {global_batch} / {cfg.optim.base_batch_size}" if cfg.optim.base_batch_size
+            else "lr as given (no batch scaling)")
+    env.update(objective=cfg.objective, global_batch=global_batch, resumed_from_step=start if resumed else None,
+               lr_resolved=schedule.lr, lr_rule=rule,
+               second_view=dataclasses.asdict(objective.second_view) if objective.second_view else None,
+               ds_config=build_ds_config(cfg.engine, cfg.data.batch_size, engine.world_size),
+               trainable_params=sum(p.numel() for p in objective.model.parameters() if p.requires_grad))
+    (run_dir / "environment.json").write_text(json.dumps(env, indent=1, default=str))
+    print(f"[pretrain] {cfg.objective} on {engine.world_size} rank(s), ZeRO-{cfg.engine.zero_stage} "
+          f"{cfg.engine.precision}, global batch {global_batch}, lr {schedule.lr:.3g} ({rule}), start step {start} "
+          f"-> {cfg.run.steps}; run folder {run_dir}", flush=True)
 
 
 def train(cfg: PretrainConfig) -> int:
+    """Train (and export); returns 0, or REQUEUE_EXIT_CODE after a preemption save."""
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model, targets = build_objective(cfg)
-    data_overrides = _apply_data_overrides(cfg, targets)
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.model.depth)
-    engine = Engine(model, groups, cfg.engine, cfg.data.batch_size, cfg.optim.betas, cfg.optim.eps)
+    objective = build_objective(cfg)
+    groups = param_groups(objective.model, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.model.depth)
+    engine = Engine(objective.model, groups, cfg.engine, cfg.data.batch_size, cfg.optim.betas, cfg.optim.eps)
     rank, world = engine.rank, engine.world_size
-    if hasattr(targets, "to"):
-        targets.to(engine.device)
+    objective.targets.to(engine.device)
     torch.manual_seed(derive_seed(cfg.run.seed, rank, 1))  # drop path differs across ranks
-
     global_batch = cfg.data.batch_size * world * cfg.engine.grad_accum
     schedule = Schedule.from_config(cfg.optim, cfg.run.steps, global_batch)
     run_dir = make_run_dir(cfg.run.root, cfg.run.name)
-    stream = build_stream(cfg.data, rank=rank, world_size=world, mask_fn=getattr(targets, "mask_fn", None))
+    stream_masks = None if objective.masks.needs_scores else objective.masks
+    stream = build_stream(cfg.data, rank=rank, world_size=world, masks=stream_masks,
+                          second_view=objective.second_view)
     store = CheckpointStore(run_dir / "checkpoints", cfg.run.keep)
-
-    step, samples = 0, 0
+    step = 0
     loaded = store.load(engine, cfg.run.resume)
     if loaded is not None:
         state, mine = loaded
-        step, samples = int(state["step"]), int(state["samples"])
+        step = int(state["step"])
         stream.load_state_dict(mine["stream"])
-        targets.load_state_dict(mine["targets"])
-
     if rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
-        env = environment_summary(engine)
-        env.update(objective=cfg.objective, global_batch=global_batch, resumed_from_step=step if loaded else None,
-                   lr_resolved=schedule.lr, lr_rule=(f"lr {cfg.optim.lr} x {global_batch} / {cfg.optim.base_batch_size}"
-                                                     if cfg.optim.base_batch_size else "lr as given (no batch scaling)"),
-                   data_overrides=data_overrides, ds_config=build_ds_config(cfg.engine, cfg.data.batch_size, world),
-                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
-        (run_dir / "environment.json").write_text(json.dumps(env, indent=1, default=str))
-        print(f"[pretrain] {cfg.objective} on {world} rank(s), ZeRO-{cfg.engine.zero_stage} {cfg.engine.precision}, "
-              f"global batch {global_batch}, lr {schedule.lr:.3g} ({env['lr_rule']}), start step {step} "
-              f"-> {cfg.run.steps}; run folder {run_dir}", flush=True)
+        describe_run(cfg, engine, objective, schedule, run_dir, step, loaded is not None)
 
+    body = PretrainStep(cfg, engine, objective, stream, schedule, store, run_dir)
+    loop = LoopConfig(steps=cfg.run.steps, grad_accum=cfg.engine.grad_accum, log_every=cfg.run.log_every,
+                      save_every=cfg.run.save_every, samples_per_step=global_batch, faults=cfg.debug,
+                      totals=("skipped_samples",))
     logger = MetricsLogger(run_dir)
     bar = progress(total=cfg.run.steps, initial=step, desc=cfg.objective, unit="step")
     flag = PreemptionFlag().install()
-    batches = _batches(stream)
-    meter = WindowMeter()
-    batches_seen = 0
-    picture_every = getattr(targets, "picture_every", 0) or cfg.run.picture_every
-    first_step = step
-    exit_code = 0
+    first = step
     try:
-        while step < cfg.run.steps:
-            engine.set_schedule(schedule.lr_at(step), schedule.weight_decay_at(step))
-            if step == cfg.debug.kill_at_step and rank == cfg.debug.kill_rank:
-                os.kill(os.getpid(), signal.SIGKILL)  # a crashed node: no cleanup, no save
-            for _ in range(cfg.engine.grad_accum):
-                batch = engine.to_model(stream.device_transform(next(batches)))
-                batches_seen += 1
-                meter.skipped_samples += int(batch.pop("skipped", 0))
-                with torch.no_grad():
-                    t = targets(batch)
-                out = engine(batch, t)
-                loss = out["loss"]
-                if step == cfg.debug.nan_at_step and cfg.debug.nan_rank in (-1, rank):
-                    loss = loss * float("nan")
-                result = engine.train_step(loss)
-                meter.add({k: v for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1})
-                meter.add({"grad_norm": result.grad_norm} if result.boundary else {})
-            step += 1
-            samples += global_batch
-            if step == first_step + 1 or (picture_every and step % picture_every == 0):
-                _picture(cfg, engine, targets, batch, t, run_dir, step)
-            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
-                seconds = meter.seconds()
-                metrics = meter.read()
-                metrics.update(samples=samples, lr=result.lr, skipped_steps=engine.skipped_steps)
-                steps_in_window = cfg.run.log_every if step % cfg.run.log_every == 0 else step % cfg.run.log_every
-                metrics["samples_per_s"] = round(steps_in_window * global_batch / max(seconds, 1e-9), 2)
-                logger.log(step, **metrics)
-                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", sps=metrics["samples_per_s"])
-                meter = WindowMeter()
-            bar.update(1)
-            if step % cfg.run.save_every == 0 or step == cfg.run.steps:
-                _save(store, engine, cfg, step, samples, stream, targets)
-            if flag.should_stop():  # collective: any rank signalled -> all save and requeue
-                if step % cfg.run.save_every and step != cfg.run.steps:
-                    _save(store, engine, cfg, step, samples, stream, targets)
-                exit_code = REQUEUE_EXIT_CODE
-                break
-        counts = [batches_seen] * world
-        if dist.is_initialized() and world > 1:
-            dist.all_gather_object(counts, batches_seen)
-        logger.log(step, samples=samples, batches_per_rank=counts, skipped_steps=engine.skipped_steps,
-                   skipped_samples_total=stream.skipped, event="end" if exit_code == 0 else "preempted")
+        step = train_loop(body, endless(stream), loop, step, rank=rank, device=engine.device, flag=flag,
+                          log=logger.log, bar=bar, hooks=[lambda s: body.picture(s, first)],
+                          on_window=lambda s, m: {"lr": body.lr, "skipped_steps": engine.skipped_steps})
+        if body.saved_step != step and step > first:
+            body.save(step)
+        log_end(logger, engine, stream, step, global_batch)
+    except Preempted as stop:
+        return int(stop.code)
     finally:
         bar.close()
         logger.close()
         flag.uninstall()
-    if exit_code == 0 and cfg.run.export:
-        _export(run_dir, engine)
-    return exit_code
+    if cfg.run.export:
+        if rank == 0:
+            print(f"[pretrain] export written to {export_run(run_dir)}")
+        if dist.is_initialized():
+            dist.barrier()
+    return 0
+
+
+def log_end(logger: MetricsLogger, engine: Engine, stream: StreamLoader, step: int, global_batch: int) -> None:
+    """The closing record: batches each rank served and the samples skipped on all of them (collective)."""
+    counts = torch.tensor([stream.state_dict()["epoch"] * len(stream) + stream.state_dict()["batch"],
+                           stream.skipped], dtype=torch.float64, device=engine.device)
+    per_rank = [counts.clone() for _ in range(engine.world_size)]
+    if dist.is_initialized() and engine.world_size > 1:
+        dist.all_gather(per_rank, counts)
+    logger.log(step, samples=step * global_batch, batches_per_rank=[int(c[0]) for c in per_rank],
+               skipped_steps=engine.skipped_steps, skipped_samples_total=int(sum(c[1] for c in per_rank)),
+               event="end")
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "pretrain") -> PretrainConfig:
+    """`--config FILE key=value ...` -> a PretrainConfig whose `method` is the objective's own section."""
+    return parse_cli(PretrainConfig, argv, prog=prog, finish=resolve_method,
+                     description="Masked image modeling pretraining (BEiT / PeCo / BEiT v2 / MILAN / MAE / EVA / SimMIM)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(PretrainConfig, argv, prog="pretrain",
-                    description="Masked image modeling pretraining (BEiT / PeCo / BEiT v2 / MILAN / MAE / EVA)")
-    code = train(cfg)
+    code = train(parse_args(argv))
     if dist.is_initialized():
         dist.destroy_process_group()
     return code

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.config import load_config
 from mimkit.data.demo import make_demo_data
 from mimkit.models.tokenizer_export import save_random_tokenizer_export
-from mimkit.pretrain.beit import build, build_v2
-from mimkit.pretrain.config import PretrainConfig
+from mimkit.pretrain.config import load_pretrain_config
+from mimkit.pretrain.objectives import build_objective
 from mimkit.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +31,7 @@ def assets(tmp_path_factory):
 
 def overrides(assets, name, **extra):
     root, tok, demo = assets
-    base = {"data.shards": str(demo.shards_dir), "beit.tokenizer": str(tok), "run.root": str(root / "runs"),
+    base = {"data.shards": str(demo.shards_dir), "method.tokenizer": str(tok), "run.root": str(root / "runs"),
             "run.name": name, "run.log_every": 1, "data.num_workers": 0, "data.batches_per_epoch": 5,
             "data.batch_size": 8, "optim.warmup_steps": 2, "run.export": False}
     base.update(extra)
@@ -54,43 +53,46 @@ def losses_by_step(run_dir):
 
 
 def _cfg(assets, objective):
-    cfg = load_config(PretrainConfig, PRESET, overrides(assets, "unit", objective=objective))
-    cfg.beit.early_layer = 1
-    return cfg
+    extra = {"method.early_layer": 1} if objective == "beitv2" else {}
+    return load_pretrain_config(PRESET, overrides(assets, "unit", objective=objective, **extra))
 
 
-def _batch(targets, seed=0):
+def _batch(objective, seed=0):
+    """A batch as the trainer builds it: the stream's views and masks, then the targets."""
     g = torch.Generator().manual_seed(seed)
-    return {"image": torch.randn(4, 3, 32, 32, generator=g), "image_tok": torch.randn(4, 3, 32, 32, generator=g),
-            "mask": targets.mask_fn.batch(4)}
+    batch = {"image": torch.randn(4, 3, 32, 32, generator=g), "image_tok": torch.randn(4, 3, 32, 32, generator=g)}
+    batch.update(objective.masks(4, g))
+    batch.update(objective.targets(batch))
+    return batch
 
 
 def test_beit_loss_is_ce_over_masked_patches_only(assets):
     torch.manual_seed(0)
     cfg = _cfg(assets, "beit")
-    model, targets = build(cfg)
-    assert targets.data_overrides()["tok_size"] == 32
-    batch = _batch(targets)
+    objective = build_objective(cfg)
+    model = objective.model
+    assert objective.second_view.size == 32 and not objective.masks.needs_scores
+    batch = _batch(objective)
     assert batch["mask"].shape == (4, 16) and (batch["mask"].sum(1) == 6).all()
-    t = targets(batch)
+    t = {"ids": batch["ids"]}
     assert t["ids"].shape == (4, 16) and t["ids"].dtype == torch.long
-    out = model(batch, t)
+    out = model(batch)
     tokens = model.encoder.forward_features(batch["image"], mask=batch["mask"])[:, 1:]
     logits = model.lm_head(tokens)
     expected = torch.nn.functional.cross_entropy(logits[batch["mask"]], t["ids"][batch["mask"]])
     torch.testing.assert_close(out["loss"], expected)
     # unmasked positions do not count: changing their targets changes nothing
     t2 = {"ids": torch.where(batch["mask"], t["ids"], (t["ids"] + 1) % 64)}
-    torch.testing.assert_close(model(batch, t2)["loss"], out["loss"])
+    torch.testing.assert_close(model({**batch, **t2})["loss"], out["loss"])
     assert 0.0 <= float(out["mlm_acc"]) <= 1.0
 
 
 def test_beitv2_adds_a_cls_head_term_logged_apart(assets):
     torch.manual_seed(0)
-    model, targets = build_v2(_cfg(assets, "beitv2"))
+    objective = build_objective(_cfg(assets, "beitv2"))
+    model = objective.model
     assert len(model.cls_pt_layers) == 2
-    batch = _batch(targets)
-    out = model(batch, targets(batch))
+    out = model(_batch(objective))
     torch.testing.assert_close(out["loss"], out["loss_mim"] + out["loss_cls_head"])
     assert not torch.equal(out["loss_mim"], out["loss_cls_head"])
     # the head's gradient reaches the final CLS token through its first input
@@ -102,7 +104,7 @@ def test_tokenizer_grid_must_match_the_patch_grid(assets):
     cfg = _cfg(assets, "beit")
     cfg.model.patch_size = 16  # 2x2 patches vs the tokenizer's 4x4 ids
     with pytest.raises(ValueError, match="grid"):
-        build(cfg)
+        build_objective(cfg)
 
 
 # ---- the loop on 2 ranks --------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def test_sigkill_on_one_rank_ends_the_run_and_resume_repeats_the_losses(assets, 
 
 
 def test_zero3_beitv2_trains_checkpoints_and_exports(assets):
-    launch(assets, "v2z3", objective="beitv2", **{"beit.early_layer": 1, "engine.zero_stage": 3, "run.steps": 3,
+    launch(assets, "v2z3", objective="beitv2", **{"method.early_layer": 1, "engine.zero_stage": 3, "run.steps": 3,
                                                   "run.save_every": 3, "run.export": True})
     run_dir = assets[0] / "runs" / "v2z3"
     rec = [r for r in read_metrics(run_dir) if "loss" in r]

@@ -1,20 +1,27 @@
 """Which patches a masked-image model hides.
 
-Three mask sources, one per family of methods:
-- `sample_block_mask` (BEiT / PeCo / BEiT v2): block-wise masks on the patch grid, drawn in the data
-  workers with NumPy, a fixed number of masked patches per sample.
-- `random_masking` (MAE): uniform random visible subset, drawn on the device with torch.
+The samplers, one per family of methods:
+- `sample_block_mask` (BEiT / PeCo / BEiT v2, EVA): block-wise masks on the patch grid, with NumPy, a
+  fixed number of masked patches per sample.
+- `random_masking` (MAE, SimMIM): uniform random visible subset, with torch.
 - `sample_guided_visible` (MILAN): visible subset sampled without replacement with probability
   proportional to a score (the teacher's CLS-to-patch attention).
 
+and the mask sources built on them (`BlockMasks`, `RandomMasks`, `GuidedMasks`): one interface,
+:class:`MaskSource`, `source(batch_size, generator, scores) -> {"mask", "ids_keep"}`, so every method
+gets its masks the same way. A source that needs no scores is drawn in the data workers (per batch,
+seeded by the stream: free on the training process, and a resumed run draws the same masks); one that
+needs the teacher's scores is drawn by the trainer right after the targets.
+
 Convention (ARCHITECTURE.md): masks are True where a patch is masked; `ids_keep` [B, K] lists the
-visible patches.
+visible patches in ascending order. Every source masks the same number of patches in every row.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -118,47 +125,6 @@ def sample_block_mask(
     return mask
 
 
-class BlockMaskGenerator:
-    """Callable BEiT mask source for data workers: `gen()` -> [H, W] bool mask.
-
-    `seed` is anything `np.random.default_rng` takes (an int, or a tuple such as (seed, rank, worker, epoch)).
-    """
-
-    def __init__(
-        self,
-        grid: tuple[int, int] = (14, 14),
-        num_masked: int = 75,
-        min_block: int = 16,
-        max_block: int | None = None,
-        min_aspect: float = 0.3,
-        seed: int | tuple[int, ...] | None = 0,
-    ):
-        self.grid = tuple(grid)
-        self.num_masked = num_masked
-        self.min_block = min_block
-        self.max_block = max_block
-        self.min_aspect = min_aspect
-        self.rng = np.random.default_rng(seed)
-
-    def reseed(self, seed: int | tuple[int, ...]) -> None:
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self) -> np.ndarray:
-        return sample_block_mask(
-            self.grid, self.num_masked, self.min_block, self.max_block, self.min_aspect, rng=self.rng
-        )
-
-    def batch(self, batch_size: int) -> torch.Tensor:
-        """[B, H * W] bool, flattened row-major like the patch sequence."""
-        return torch.from_numpy(np.stack([self().reshape(-1) for _ in range(batch_size)]))
-
-    def __repr__(self) -> str:
-        return (
-            f"BlockMaskGenerator(grid={self.grid}, num_masked={self.num_masked}, min_block={self.min_block}, "
-            f"max_block={self.max_block}, min_aspect={self.min_aspect})"
-        )
-
-
 def _mask_from_keep(ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
     mask = torch.ones(ids_keep.shape[0], num_patches, dtype=torch.bool, device=ids_keep.device)
     mask.scatter_(1, ids_keep, False)
@@ -218,3 +184,91 @@ def sample_guided_visible(
         ids_keep = torch.multinomial(probs, num_visible, replacement=False, generator=generator)
     ids_keep, _ = torch.sort(ids_keep, dim=1)
     return ids_keep, _mask_from_keep(ids_keep, num_patches)
+
+
+# ---- mask sources: one interface for every method ------------------------------------------------
+
+
+class MaskSource(Protocol):
+    """`source(batch_size, generator, scores=None) -> {"mask": [B, N] bool, "ids_keep": [B, K] long}`."""
+
+    grid: tuple[int, int]
+    num_masked: int
+    needs_scores: bool  # True: drawn after the targets, from their "scores" [B, N] (teacher attention)
+
+    def __call__(self, batch_size: int, generator: torch.Generator,
+                 scores: torch.Tensor | None = None) -> dict[str, torch.Tensor]: ...
+
+
+def _masks(mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"mask", "ids_keep"} from a mask with the same count in every row (ids ascending)."""
+    batch_size = mask.shape[0]
+    ids_keep = (~mask).nonzero(as_tuple=True)[1].view(batch_size, -1)
+    return {"mask": mask, "ids_keep": ids_keep}
+
+
+def _check_count(grid: tuple[int, int], num_masked: int, name: str) -> None:
+    if not 0 < num_masked < grid[0] * grid[1]:
+        raise ValueError(f"{name}: {num_masked} masked patches of a {grid[0]}x{grid[1]} grid leave none "
+                         "visible or none masked")
+
+
+class BlockMasks:
+    """BEiT's block-wise masks, `num_masked` patches per image."""
+
+    needs_scores = False
+
+    def __init__(self, grid: tuple[int, int], num_masked: int, min_block: int = 16, max_block: int | None = None,
+                 min_aspect: float = 0.3):
+        _check_count(tuple(grid), num_masked, "block masks")
+        self.grid, self.num_masked = tuple(grid), num_masked
+        self.min_block, self.max_block, self.min_aspect = min_block, max_block, min_aspect
+
+    def __call__(self, batch_size: int, generator: torch.Generator,
+                 scores: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        mask = np.stack([sample_block_mask(self.grid, self.num_masked, self.min_block, self.max_block,
+                                           self.min_aspect, rng=rng).reshape(-1) for _ in range(batch_size)])
+        return _masks(torch.from_numpy(mask))  # [B, N]
+
+
+class RandomMasks:
+    """Uniform random masks, `num_masked` patches per image, in square units of `unit` x `unit` patches
+    (SimMIM masks 32 px units of a 16 px patch grid: unit 2); unit 1 is MAE's patch-wise masking."""
+
+    needs_scores = False
+
+    def __init__(self, grid: tuple[int, int], num_masked: int, unit: int = 1):
+        grid = tuple(grid)
+        if unit < 1 or grid[0] % unit or grid[1] % unit:
+            raise ValueError(f"mask unit {unit} must divide the {grid[0]}x{grid[1]} patch grid")
+        if num_masked % (unit * unit):
+            raise ValueError(f"{num_masked} masked patches is not a whole number of {unit}x{unit} units")
+        _check_count(grid, num_masked, "random masks")
+        self.grid, self.num_masked, self.unit = grid, num_masked, unit
+
+    def __call__(self, batch_size: int, generator: torch.Generator,
+                 scores: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        h, w, u = self.grid[0] // self.unit, self.grid[1] // self.unit, self.unit
+        num_units = h * w
+        _, unit_mask, _ = random_masking(batch_size, num_units, self.num_masked / (u * u) / num_units, generator)
+        mask = unit_mask.view(batch_size, h, 1, w, 1).expand(-1, -1, u, -1, u)  # each unit covers u x u patches
+        return _masks(mask.reshape(batch_size, num_units * u * u))
+
+
+class GuidedMasks:
+    """MILAN's semantic-aware masks: the visible patches sampled in proportion to the teacher's scores."""
+
+    needs_scores = True
+
+    def __init__(self, grid: tuple[int, int], num_masked: int):
+        _check_count(tuple(grid), num_masked, "guided masks")
+        self.grid, self.num_masked = tuple(grid), num_masked
+
+    def __call__(self, batch_size: int, generator: torch.Generator,
+                 scores: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if scores is None:
+            raise ValueError("guided masks need the targets' scores (a teacher's CLS attention)")
+        num_visible = self.grid[0] * self.grid[1] - self.num_masked
+        ids_keep, mask = sample_guided_visible(scores.float().cpu(), num_visible, generator)
+        return {"mask": mask, "ids_keep": ids_keep}

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mimkit.data.transforms import DALLE_MEAN, DALLE_STD, IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, build_transform
+from mimkit.data.masking import MaskSource
+from mimkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, SecondView, build_transform
 
 log = logging.getLogger(__name__)
 
@@ -70,32 +71,29 @@ class DataConfig:
     mode: str = "worker"  # "worker": full transform in workers | "device": uint8 + DeviceTransform
     require_label: bool = False  # skip samples without .cls (else label -1)
     image_size: int = 224
-    tok_size: Optional[int] = 112  # None: single view (MAE / MILAN)
     interpolation: str = "bicubic"
-    tok_interpolation: str = "lanczos"
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     flip_prob: float = 0.5
     color_jitter: float = 0.4
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    tok_mean: list[float] = field(default_factory=lambda: list(DALLE_MEAN))  # DALL-E's 0.8 x + 0.1
-    tok_std: list[float] = field(default_factory=lambda: list(DALLE_STD))
     use_draft: bool = True  # JPEG draft() decoding at reduced scale
-    tok_from_image: bool = True  # tokenizer view resized from the ViT view (faster; ~0.4/255 change)
+    tok_from_image: bool = True  # a second view (BEiT's tokenizer view) resized from the ViT view (faster; ~0.4/255 change)
     pin_memory: bool = False
     prefetch_factor: int = 2
     return_keys: bool = False  # add batch["key"]: list of "shard/key" strings (tests, debugging)
 
 
-def transform_options(cfg: DataConfig) -> dict[str, Any]:
-    """Keyword arguments of `build_transform` taken from the config."""
+def transform_options(cfg: DataConfig, second_view: SecondView | None = None) -> dict[str, Any]:
+    """Keyword arguments of `build_transform` from the config and the objective's second view, if any."""
+    view = second_view or SecondView(size=0)
     return dict(
-        image_size=cfg.image_size, tok_size=cfg.tok_size, interpolation=cfg.interpolation,
-        tok_interpolation=cfg.tok_interpolation, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
+        image_size=cfg.image_size, tok_size=view.size or None, interpolation=cfg.interpolation,
+        tok_interpolation=view.interpolation, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
         flip_prob=cfg.flip_prob, color_jitter=cfg.color_jitter, use_draft=cfg.use_draft,
         tok_from_image=cfg.tok_from_image,
-        mean=tuple(cfg.mean), std=tuple(cfg.std), tok_mean=tuple(cfg.tok_mean), tok_std=tuple(cfg.tok_std),
+        mean=tuple(cfg.mean), std=tuple(cfg.std), tok_mean=tuple(view.mean), tok_std=tuple(view.std),
     )
 
 
@@ -133,7 +131,7 @@ def derive_seed(*parts: int) -> int:
 
 
 # Tags that keep the seeded streams of one (seed, rank, worker, epoch) apart.
-_SOURCES, _PASS, _SHUFFLE, _BATCH, _RESCUE = range(5)
+_SOURCES, _PASS, _SHUFFLE, _BATCH, _RESCUE, _MASKS = range(6)
 
 
 def shard_sequence(
@@ -304,10 +302,10 @@ class EpochStream(torch.utils.data.IterableDataset):
     global batches start + j, start + j + W, ... (all from one logical worker's stream)."""
 
     def __init__(self, cfg: DataConfig, sources: list[list[str]], weights: list[float], transform: Callable,
-                 mask_fn: Callable | None, rank: int, world_size: int, epoch: int, start: int):
+                 masks: MaskSource | None, rank: int, world_size: int, epoch: int, start: int):
         super().__init__()
         self.cfg, self.sources, self.weights = cfg, sources, weights
-        self.transform, self.mask_fn = transform, mask_fn
+        self.transform, self.masks = transform, masks
         self.rank, self.world_size, self.epoch, self.start = rank, world_size, epoch, start
 
     def __iter__(self) -> Iterator[dict]:
@@ -364,12 +362,13 @@ class WorkerStream:
     def _batch(self, local: int, window: list[dict]) -> dict:
         batch_seed = derive_seed(*self.seed_parts, _BATCH, local)
         with seeded_rngs(batch_seed):
-            if hasattr(self.e.mask_fn, "reseed"):
-                self.e.mask_fn.reseed(batch_seed)
             good = [s for s in (self._prepare(raw) for raw in window) if s is not None]
             if len(good) < len(window):
                 good += self._rescue(local, len(window) - len(good))
         batch = collate(good)
+        if self.e.masks is not None:  # on its own generator: the images do not depend on the mask source
+            generator = torch.Generator().manual_seed(derive_seed(*self.seed_parts, _MASKS, local))
+            batch.update(self.e.masks(len(good), generator))
         batch["skipped"] = torch.tensor(self.skips.take(), dtype=torch.long)
         return batch
 
@@ -416,8 +415,6 @@ class WorkerStream:
             self.skips("undecodable image", f"{name}: {type(err).__name__}: {err}")
             return None
         sample["label"] = torch.tensor(label, dtype=torch.long)
-        if self.e.mask_fn is not None:
-            sample["mask"] = torch.from_numpy(np.asarray(self.e.mask_fn(), dtype=bool).reshape(-1).copy())
         if self.cfg.return_keys:
             sample["key"] = f"{os.path.basename(raw['__shard__'])}/{raw['__key__']}"
         return sample
@@ -431,7 +428,7 @@ class StreamLoader:
     `state_dict()` = {"epoch", "batch", "seed", "skipped"}, identical on every rank."""
 
     def __init__(self, cfg: DataConfig, transform: Callable | None = None, rank: int = 0, world_size: int = 1,
-                 mask_fn: Callable | None = None):
+                 masks: MaskSource | None = None, second_view: SecondView | None = None):
         if cfg.mode not in ("worker", "device"):
             raise ValueError(f"data.mode must be 'worker' or 'device', got '{cfg.mode}'")
         if cfg.resample not in ("passes", "replacement"):
@@ -444,9 +441,9 @@ class StreamLoader:
         if len(weights) != len(self.sources) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"data.weights needs {len(self.sources)} non-negative values, got {weights}")
         self.weights = weights
-        self.transform = transform if transform is not None else build_transform(cfg.mode, **transform_options(cfg))
-        self.mask_fn = mask_fn
-        opts = transform_options(cfg)
+        opts = transform_options(cfg, second_view)
+        self.transform = transform if transform is not None else build_transform(cfg.mode, **opts)
+        self.masks = masks
         self.device_transform = DeviceTransform(opts["mean"], opts["std"], opts["tok_mean"], opts["tok_std"],
                                                 color_jitter=cfg.color_jitter)
         self.epoch, self.batch, self.skipped = 0, 0, 0
@@ -466,7 +463,7 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict]:
         if self.batch >= self.cfg.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
-        dataset = EpochStream(self.cfg, self.sources, self.weights, self.transform, self.mask_fn,
+        dataset = EpochStream(self.cfg, self.sources, self.weights, self.transform, self.masks,
                               self.rank, self.world_size, self.epoch, self.batch)
         if self.cfg.num_workers > 0:
             batches: Any = torch.utils.data.DataLoader(
@@ -483,8 +480,12 @@ class StreamLoader:
 
 
 def build_stream(cfg: DataConfig, transform: Callable | None = None, rank: int = 0, world_size: int = 1,
-                 mask_fn: Callable | None = None) -> StreamLoader:
+                 masks: MaskSource | None = None, second_view: SecondView | None = None) -> StreamLoader:
     """The rank's loader. `transform(PIL image, opened not loaded) -> dict of tensors`; default from the
-    config and `cfg.mode`. `mask_fn() -> bool [H, W]` adds `mask` [N]. In device mode call
-    `loader.device_transform(batch)` on the training device (in worker mode it passes batches through)."""
-    return StreamLoader(cfg, transform, rank, world_size, mask_fn)
+    config, `cfg.mode` and `second_view` (adds "image_tok": BEiT's tokenizer view). `masks` (a mask source
+    that needs no scores) adds "mask" [B, N] and "ids_keep" [B, K] to every batch, drawn in the worker.
+    In device mode call `loader.device_transform(batch)` on the training device (in worker mode it passes
+    batches through)."""
+    if masks is not None and masks.needs_scores:
+        raise ValueError("this mask source needs the targets' scores: the trainer draws it, not the stream")
+    return StreamLoader(cfg, transform, rank, world_size, masks, second_view)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -250,6 +251,17 @@ def jitter_pil(img: Image.Image, factors: Sequence[float]) -> Image.Image:
     if sat != 1.0:
         img = Image.blend(img.convert("L").convert("RGB"), img, sat)  # clipped to [0, 255]
     return img
+
+
+@dataclass
+class SecondView:
+    """A second view of each crop, at another size and normalisation (BEiT's tokenizer view, set by the
+    tokenizer export): the stream adds it to every batch as "image_tok"."""
+
+    size: int
+    interpolation: str = "lanczos"
+    mean: Sequence[float] = DALLE_MEAN
+    std: Sequence[float] = DALLE_STD
 
 
 def normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
