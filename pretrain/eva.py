@@ -2,7 +2,7 @@
 the encoder sees every position (masked patches replaced by its mask token), a linear head maps each
 token to the CLIP teacher's feature size, negative cosine similarity on the masked tokens.
 
-The teacher is the same frozen open_clip tower as MILAN's (`mimkit.models.clip_teacher`); the
+The teacher is the same frozen open_clip tower as MILAN's (`mimkit.teachers.clip`); the
 composition and the loop over a batch live in pretrain/milan.py (`MaskedRegressionModel`).
 """
 

@@ -26,7 +26,7 @@ import copy
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Callable, Dict
 
 import numpy as np
 import torch
@@ -34,30 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mimkit.data.masking import random_masking, sample_block_mask, sample_guided_visible
-from mimkit.models.clip_teacher import CLIPTeacher
-from mimkit.models.vit_teacher import ViTExportTeacher
 from mimkit.models.decoders import MAEDecoder, PromptingDecoder
+from mimkit.teachers import Teacher, TeacherConfig, build_teacher
 
 # ---- config -------------------------------------------------------------------------------------
-
-
-TEACHER_KINDS = ("open_clip", "vit_export")
-
-
-@dataclass
-class TeacherConfig:
-    # open_clip: a CLIP vision tower (model_name, pretrained, cache_dir, model_cfg below);
-    # vit_export: a mimkit ViT export folder (`export`: model.safetensors + mimkit.json, a CLS token), e.g. the
-    # demo's BEiT encoder: its normed tokens (no projection) and last-block CLS attention, its own pixel norm.
-    kind: str = "open_clip"
-    export: Optional[str] = None          # vit_export: the export folder (recorded as an absolute path)
-    model_name: str = "ViT-B-16"          # any open_clip model name
-    pretrained: Optional[str] = None      # an open_clip tag (from the user's cache) or a checkpoint file
-    precision: str = "fp32"               # the teacher's own dtype: fp32 | bf16 | fp16
-    cache_dir: Optional[str] = None       # open_clip / HF cache holding the tag's weights
-    # An open_clip model config (embed_dim, vision_cfg, text_cfg) to build a random model from: tests and
-    # CPU presets, where no weights can be downloaded. Overrides model_name.
-    model_cfg: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -202,7 +182,7 @@ class MaskedRegressionTargets:
     """
 
     def __init__(self, cfg: MaskedRegressionConfig, grid: tuple[int, int], patch_size: int,
-                 pixel_mean, pixel_std, teacher: CLIPTeacher | ViTExportTeacher | None = None):
+                 pixel_mean, pixel_std, teacher: Teacher | None = None):
         if cfg.mask_source not in MASK_SOURCES:
             raise ValueError(f"unknown mask_source {cfg.mask_source!r}; known: {sorted(MASK_SOURCES)}")
         if cfg.target not in TARGETS:
@@ -374,34 +354,6 @@ def save_masking_picture(path, images01: torch.Tensor, grid, mask: torch.Tensor,
 
 
 # ---- build --------------------------------------------------------------------------------------
-
-
-def build_teacher(cfg: TeacherConfig) -> CLIPTeacher | ViTExportTeacher:
-    """The frozen teacher `cfg.kind` names. For vit_export, `cfg.export` is made absolute in place, so the
-    run's config.yaml and its export's mimkit.json name the teacher wherever they are read from."""
-    if cfg.kind not in TEACHER_KINDS:
-        raise ValueError(f"unknown teacher.kind {cfg.kind!r}; known: {list(TEACHER_KINDS)}")
-    if cfg.kind == "vit_export":
-        if cfg.export is None or not str(cfg.export).strip():
-            raise ValueError("teacher.kind is vit_export but teacher.export is empty: set it to a mimkit export "
-                             "folder (model.safetensors + mimkit.json), e.g. teacher.export=runs/demo/beit/export")
-        export = Path(cfg.export).expanduser().resolve()
-        if not (export / "mimkit.json").is_file() or not (export / "model.safetensors").is_file():
-            raise FileNotFoundError(f"teacher.export={cfg.export}: not a mimkit export (needs model.safetensors "
-                                    "and mimkit.json)")
-        cfg.export = str(export)
-        return ViTExportTeacher(export, precision=cfg.precision)
-    if cfg.export is not None and str(cfg.export).strip():
-        # Without this, a forgotten kind would silently give an open_clip teacher (random without `pretrained`).
-        raise ValueError(f"teacher.export={cfg.export} is only read with teacher.kind=vit_export "
-                         f"(teacher.kind is {cfg.kind!r})")
-    # The paper presets leave `pretrained` empty for the user to fill; None (random weights) is meant only
-    # for benchmarks. An empty string would silently give a random teacher: refuse it.
-    if cfg.model_cfg is None and cfg.pretrained is not None and not str(cfg.pretrained).strip():
-        raise ValueError(f"teacher.pretrained is empty: set it to an open_clip tag for {cfg.model_name} that is "
-                         "in your cache (e.g. openai, with teacher.cache_dir) or to a checkpoint file")
-    return CLIPTeacher(cfg.model_name, pretrained=cfg.pretrained, model_cfg=cfg.model_cfg,
-                       precision=cfg.precision, cache_dir=cfg.cache_dir)
 
 
 def build_parts(cfg: MaskedRegressionConfig, encoder: nn.Module, pixel_mean, pixel_std):
