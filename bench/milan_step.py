@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from mimkit.models.clip_teacher import tiny_open_clip_cfg
 from mimkit.models.vit import VisionTransformer, preset
-from mimkit.pretrain.milan import MilanConfig, TeacherConfig, build_parts
+from mimkit.pretrain.milan import MilanConfig, build_parts
+from mimkit.teachers import TeacherConfig, tiny_open_clip_cfg
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mimkit.models.clip_teacher import CLIPTeacher, tiny_open_clip_cfg
+from mimkit.teachers import CLIPTeacher, tiny_open_clip_cfg
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -117,3 +117,50 @@ def test_named_model_with_weights_from_a_local_file(tmp_path):
     images = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(t(images).tokens[:, 0], source.visual(t.to_clip_space(images)), atol=1e-5, rtol=1e-5)
     assert t.meta["pretrained"] == str(ckpt) and t.meta["model_name"] == "mimkit-test-tiny"
+
+
+# ---- the one teacher config -------------------------------------------------------------------------------
+
+
+def test_model_cfg_inline_or_as_a_json_file_builds_the_same_teacher(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mimkit.teachers import Teacher, TeacherConfig, build_teacher, resolve_model_cfg
+
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(tiny_open_clip_cfg()))
+    images = torch.rand(2, 3, 32, 32)
+    outs = []
+    for model_cfg in (tiny_open_clip_cfg(), str(path), OmegaConf.create(tiny_open_clip_cfg())):
+        torch.manual_seed(0)
+        teacher = build_teacher(TeacherConfig(model_cfg=model_cfg))
+        assert isinstance(teacher, CLIPTeacher) and isinstance(teacher, Teacher)
+        outs.append(teacher(images))
+    for out in outs[1:]:
+        torch.testing.assert_close(out.tokens, outs[0].tokens)
+    assert resolve_model_cfg(None) is None
+    with pytest.raises(FileNotFoundError, match="perceptual.teacher.model_cfg=nope.json"):
+        build_teacher(TeacherConfig(model_cfg="nope.json"), "perceptual.teacher")
+    with pytest.raises(ValueError, match="perceptual.teacher.precision='fp8'"):
+        build_teacher(TeacherConfig(model_cfg=tiny_open_clip_cfg(), precision="fp8"), "perceptual.teacher")
+
+
+def test_presets_give_model_cfg_inline_and_as_a_file():
+    """MILAN's tiny preset writes the tiny model inline, the tokenizer presets name open_clip_tiny.json:
+    the same schema reads both, and they are the same model."""
+    from pathlib import Path
+
+    from mimkit.config import ConfigError, load_config
+    from mimkit.pretrain.config import PretrainConfig
+    from mimkit.teachers import resolve_model_cfg
+    from mimkit.tokenizers.config import TokenizerTrainConfig
+
+    root = Path(__file__).resolve().parents[1]
+    milan = load_config(PretrainConfig, root / "configs" / "pretrain" / "milan_tiny_cpu.yaml").milan.teacher
+    vqkd = load_config(TokenizerTrainConfig, root / "configs" / "tokenizers" / "vqkd_tiny_cpu.yaml").teacher
+    peco = load_config(TokenizerTrainConfig, root / "configs" / "tokenizers" / "peco_tiny_cpu.yaml").perceptual.teacher
+    assert isinstance(milan.model_cfg, dict) and vqkd.model_cfg == peco.model_cfg == "configs/tokenizers/open_clip_tiny.json"
+    assert resolve_model_cfg(milan.model_cfg) == resolve_model_cfg(root / vqkd.model_cfg)
+    with pytest.raises((ValueError, ConfigError), match="perceptual.teacher.kind 'clip'"):
+        load_config(TokenizerTrainConfig, root / "configs" / "tokenizers" / "peco_tiny_cpu.yaml",
+                    ["perceptual.teacher.kind=clip"])

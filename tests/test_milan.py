@@ -13,16 +13,16 @@ import torch
 
 from mimkit.config import load_config
 from mimkit.data.demo import make_demo_data
-from mimkit.models.clip_teacher import tiny_open_clip_cfg
 from mimkit.models.vit import VisionTransformer, preset
 from mimkit.pretrain.eva import EvaConfig
 from mimkit.pretrain.mae import MaeConfig
 from mimkit.optim import resolve_lr
 from mimkit.pretrain.config import PretrainConfig
-from mimkit.pretrain.milan import (MaskedRegressionModel, MilanConfig, TeacherConfig, build_parts, build_teacher,
-                                   cosine_distance, patchify, save_masking_picture)
+from mimkit.pretrain.milan import (MaskedRegressionModel, MilanConfig, build_parts, cosine_distance, patchify,
+                                   save_masking_picture)
 from mimkit.pretrain.objectives import build_objective
 from mimkit.runlog import read_metrics
+from mimkit.teachers import TeacherConfig, build_teacher, tiny_open_clip_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "configs" / "pretrain"

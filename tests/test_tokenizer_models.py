@@ -176,20 +176,19 @@ def test_teacher_tokens_are_resized_to_the_tokenizer_grid():
 
 
 def test_perceptual_loss_is_zero_on_identical_images_and_moves_only_the_reconstruction():
-    from mimkit.models.clip_teacher import build_open_clip_visual, tiny_open_clip_cfg
-    from mimkit.tokenizers.losses import PerceptualLoss, open_clip_features
+    from mimkit.teachers import CLIPTeacher, tiny_open_clip_cfg
+    from mimkit.tokenizers.losses import PerceptualLoss
 
     torch.manual_seed(0)
-    visual, pre = build_open_clip_visual("tiny", model_cfg=tiny_open_clip_cfg())
-    loss = PerceptualLoss(visual, open_clip_features(visual, [0, 1]), (32, 32), pre["mean"], pre["std"],
-                          [0.5] * 3, [0.5] * 3)
+    teacher = CLIPTeacher(model_cfg=tiny_open_clip_cfg())  # the tower's 32 px, its preprocess cfg's statistics
+    loss = PerceptualLoss.from_teacher(teacher, [0, 1], [0.5] * 3, [0.5] * 3)
     x = torch.randn(2, 3, 64, 64)  # resized to the tower's 32 px inside
     assert float(loss(x, x)) < 1e-6
     recon = (x + 0.5 * torch.randn_like(x)).requires_grad_(True)
     value = loss(x, recon)
     value.backward()
     assert value > 0 and recon.grad.abs().sum() > 0
-    assert all(p.grad is None for p in visual.parameters())  # frozen
+    assert all(p.grad is None for p in teacher.visual.parameters())  # frozen
 
 
 def test_adversarial_terms_push_only_their_own_network():
@@ -206,11 +205,15 @@ def test_adversarial_terms_push_only_their_own_network():
 
 
 def test_perceptual_loss_on_a_mimkit_vit():
+    from functools import partial
+
     from mimkit.models.vit import ViTConfig, VisionTransformer
-    from mimkit.tokenizers.losses import PerceptualLoss, vit_features
+    from mimkit.teachers import vit_block_patch_tokens
+    from mimkit.tokenizers.losses import PerceptualLoss
 
     torch.manual_seed(0)
     vit = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
-    loss = PerceptualLoss(vit, vit_features(vit, [0, 1]), (32, 32), [0.5] * 3, [0.5] * 3, [0.5] * 3, [0.5] * 3)
+    loss = PerceptualLoss(vit, partial(vit_block_patch_tokens, vit, layers=[0, 1]), (32, 32), [0.5] * 3, [0.5] * 3,
+                          [0.5] * 3, [0.5] * 3)
     x = torch.randn(2, 3, 32, 32)
     assert float(loss(x, x)) < 1e-6 and float(loss(x, x.flip(-1))) > 0

@@ -61,6 +61,30 @@ def test_q_and_v_biases_change_the_output_and_there_is_no_k_bias():
         assert not torch.allclose(before, model(x))
 
 
+@pytest.mark.parametrize("rel_pos", ["shared", "block"])
+def test_attention_probs_are_the_weights_the_forward_applies(rel_pos):
+    """attention_probs is the softmax the forward's SDPA uses: those weights times v, through proj, give
+    the forward's output, with the shared and the block's own rel-pos bias, all tokens or visible ones."""
+    torch.manual_seed(0)
+    model = VisionTransformer(preset("beit_tiny_cpu", rel_pos=rel_pos)).eval()
+    _randomize_zero_inits(model)
+    x = torch.randn(2, 17, 64)
+    blk = model.blocks[-1]
+    attn = blk.attn
+    token_index = torch.tensor([[0, 1, 4, 9, 16], [0, 2, 3, 10, 15]])   # CLS + 4 kept patches (index coordinates)
+    for tokens, index in ((x, None), (x[:, :5], token_index)):
+        shared = model.rel_pos_bias(index, True) if model.rel_pos_bias is not None else None
+        with torch.no_grad():
+            probs = attn.attention_probs(tokens, shared, index)          # [B, H, L, L]
+            _, _, v, _ = attn.qkv_and_bias(tokens, shared, index)
+            B, L, D = tokens.shape
+            by_hand = attn.proj((probs @ v).transpose(1, 2).reshape(B, L, D))
+            expected = attn(tokens, shared, index)
+        assert probs.shape == (2, 4, L, L) and probs.dtype == torch.float32
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, L))
+        torch.testing.assert_close(by_hand, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_mask_token_replaces_only_masked_patches():
     torch.manual_seed(0)
     model = VisionTransformer(preset("beit_tiny_cpu")).eval()

@@ -15,12 +15,11 @@ from safetensors.torch import save_file
 
 from mimkit.checkpoint.export import _teacher_of
 from mimkit.config import load_config, to_dict
-from mimkit.models.clip_teacher import TeacherOutput
 from mimkit.models.pos_embed import relative_position_index
 from mimkit.models.vit import ViTConfig, VisionTransformer, preset
-from mimkit.models.vit_teacher import ViTExportTeacher
 from mimkit.pretrain.config import PretrainConfig
-from mimkit.pretrain.milan import MilanConfig, TeacherConfig, build_parts, build_teacher
+from mimkit.pretrain.milan import MilanConfig, build_parts
+from mimkit.teachers import TeacherConfig, TeacherOutput, ViTExportTeacher, build_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -257,3 +256,31 @@ def test_demo_preset_matches_the_demo_beit_geometry():
     assert cfg.data.mean == beit.data.mean and cfg.data.std == beit.data.std
     assert cfg.engine.precision == "fp32" and 150 <= cfg.run.steps <= 300 and cfg.run.export
     assert cfg.model.pos_embed == "sincos" and cfg.milan.mask_source == "guided" and cfg.milan.target == "clip"
+
+
+# ---- PeCo: perceptual.teacher.kind -------------------------------------------------------------------------
+
+
+def test_peco_perceptual_loss_reads_the_export_teachers_blocks(tmp_path):
+    """`perceptual.teacher` with kind vit_export: the loss's features are the export encoder's per-block patch
+    tokens on the export's normalisation, and only the reconstruction gets gradients."""
+    from mimkit.tokenizers.config import PerceptualConfig, TokenizerTrainConfig
+    from mimkit.tokenizers.trainer import build_perceptual
+
+    source = _write_export(tmp_path / "export", _beit_cfg())
+    cfg = TokenizerTrainConfig(kind="peco", perceptual=PerceptualConfig(
+        teacher=TeacherConfig(kind="vit_export", export=str(tmp_path / "export")), layers=[0, 1]))
+    loss = build_perceptual(cfg)
+    raw = torch.rand(2, 3, 32, 32)
+    images = _normalise(raw, cfg.data.mean, cfg.data.std)                       # the tokenizer's view
+    with torch.no_grad():
+        _, expected = source.forward_intermediates(_normalise(raw, EXPORT_MEAN, EXPORT_STD), [0, 1])
+        got = loss.features(loss.to_net_space(images))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e[:, 1:], atol=1e-5, rtol=1e-4)          # CLS dropped
+    assert float(loss(images, images)) < 1e-6
+    recon = (images + 0.5 * torch.randn_like(images)).requires_grad_(True)
+    loss(images, recon).backward()
+    assert recon.grad.abs().sum() > 0 and all(p.grad is None for p in loss.parameters())
+    with pytest.raises(ValueError, match="perceptual.teacher.export is empty"):
+        TokenizerTrainConfig(kind="peco", perceptual=PerceptualConfig(teacher=TeacherConfig(kind="vit_export")))

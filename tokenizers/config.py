@@ -8,7 +8,6 @@ a tokenizer sees one view).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from mimkit.data.stream import DataConfig
 from mimkit.distributed.engine import EngineConfig
@@ -16,6 +15,7 @@ from mimkit.models.dvae import DVAEConfig
 from mimkit.models.vqgan import VQGANConfig
 from mimkit.models.vqkd import VQKDConfig
 from mimkit.optim import OptimConfig
+from mimkit.teachers import TeacherConfig
 
 KINDS = ("dvae", "peco", "vqkd")
 
@@ -44,24 +44,12 @@ class DebugConfig:
 
 
 @dataclass
-class OpenClipConfig:
-    """A frozen open_clip vision tower, created by name; weights from a local file or a cached tag."""
-
-    model_name: str = "ViT-B-16"
-    pretrained: Optional[str] = None  # a file path, or an open_clip tag already in the cache; None: random
-    model_cfg: Optional[str] = None  # an open_clip model-config JSON file: random weights (tests, tiny presets)
-    precision: str = "fp32"
-    cache_dir: Optional[str] = None
-
-
-@dataclass
 class PerceptualConfig:
-    """PeCo's perceptual loss: feature distances at ``layers`` (0-based block indices) of a frozen net."""
+    """PeCo's perceptual loss: feature distances at ``layers`` (0-based block indices) of a frozen teacher's
+    tower (kind open_clip: an open_clip vision tower; vit_export: a mimkit ViT export)."""
 
     weight: float = 1.0
-    network: str = "open_clip"  # open_clip | vit_export
-    open_clip: OpenClipConfig = field(default_factory=OpenClipConfig)
-    vit_export: Optional[str] = None  # a mimkit ViT export folder (model.safetensors + mimkit.json)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     layers: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
 
 
@@ -95,15 +83,18 @@ class TokenizerTrainConfig:
     vqkd: VQKDConfig = field(default_factory=VQKDConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
-    teacher: OpenClipConfig = field(default_factory=OpenClipConfig)  # VQ-KD's target network
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # VQ-KD's target network
     export: ExportConfig = field(default_factory=ExportConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r}: expected one of {KINDS}")
-        if self.perceptual.network not in ("open_clip", "vit_export"):
-            raise ValueError(f"perceptual.network={self.perceptual.network!r}: open_clip or vit_export")
+        # the teacher this kind builds, checked before any work starts
+        if self.kind == "vqkd":
+            self.teacher.check("teacher")
+        if self.kind == "peco" and self.perceptual.weight > 0:
+            self.perceptual.teacher.check("perceptual.teacher")
 
     @property
     def arch(self):

@@ -1,8 +1,9 @@
 """Loss terms of tokenizer training that need networks other than the tokenizer.
 
 - ``PerceptualLoss``: distances between deep features of the input and of the reconstruction at
-  several layers of a frozen network (PeCo). The network is a mimkit ViT (e.g. loaded from an export)
-  or an open_clip vision tower; it is frozen, in eval mode and never part of the engine.
+  several layers of a frozen network (PeCo): a teacher's tower (`mimkit.teachers`: an open_clip vision
+  tower or a mimkit ViT export) or any network with a feature function; frozen, in eval mode and never
+  part of the engine.
 - ``PatchDiscriminator`` + hinge losses: the optional adversarial term (off by default). The
   discriminator trains in the same engine step as the tokenizer: its loss sees the reconstruction
   detached, and the generator's term goes through a parameter-detached copy of it, so neither term
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -18,23 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from mimkit.teachers import Teacher
+
 FeatureFn = Callable[[torch.Tensor], list[torch.Tensor]]  # images in the net's space -> [B, N, C] per layer
-
-
-def vit_features(vit: nn.Module, layers: Sequence[int]) -> FeatureFn:
-    """Per-layer patch tokens of a mimkit ``VisionTransformer`` (prefix tokens dropped)."""
-    def run(x: torch.Tensor) -> list[torch.Tensor]:
-        _, inter = vit.forward_intermediates(x, list(layers))
-        return [t[:, vit.num_prefix_tokens:] for t in inter]
-    return run
-
-
-def open_clip_features(visual: nn.Module, layers: Sequence[int]) -> FeatureFn:
-    """Per-layer patch tokens of an open_clip vision tower (its own ``forward_intermediates``)."""
-    def run(x: torch.Tensor) -> list[torch.Tensor]:
-        out = visual.forward_intermediates(x, indices=list(layers), intermediates_only=True, output_fmt="NLC")
-        return out["image_intermediates"]
-    return run
 
 
 class PerceptualLoss(nn.Module):
@@ -57,6 +45,13 @@ class PerceptualLoss(nn.Module):
         net_m, net_s = torch.tensor(net_mean), torch.tensor(net_std)
         self.register_buffer("scale", (src_s / net_s).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", ((src_m - net_m) / net_s).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_teacher(cls, teacher: Teacher, layers: Sequence[int], src_mean: Sequence[float],
+                     src_std: Sequence[float]) -> "PerceptualLoss":
+        """On a teacher's tower: its patch tokens after ``layers``, at its input size and normalisation."""
+        return cls(teacher, partial(teacher.patch_features, layers=list(layers)), teacher.image_size,
+                   teacher.input_mean, teacher.input_std, src_mean, src_std)
 
     def train(self, mode: bool = True) -> "PerceptualLoss":
         return super().train(False)  # frozen network: always eval

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import logging
 import os
 import signal
 import time
@@ -32,17 +30,15 @@ from mimkit.models.codebook import VectorQuantizer, all_reduce_sum_, usage_stats
 from mimkit.models.tokenizer_export import build_tokenizer_model, save_tokenizer_export
 from mimkit.optim import Schedule, apply_schedule, param_groups
 from mimkit.runlog import MetricsLogger, make_run_dir, progress
-from mimkit.tokenizers.config import OpenClipConfig, TokenizerTrainConfig
+from mimkit.teachers import Teacher, build_teacher
+from mimkit.tokenizers.config import TokenizerTrainConfig
 from mimkit.tokenizers.losses import (
     PatchDiscriminator,
     PerceptualLoss,
     generator_adversarial_loss,
     hinge_discriminator_loss,
-    open_clip_features,
-    vit_features,
 )
 
-log = logging.getLogger(__name__)
 CHECK_FILE = "tokenizer_check.pt"  # a batch of images and the ids the trained model gave them
 
 
@@ -70,45 +66,16 @@ class TokenizerTrainee(nn.Module):
         return out
 
 
-def build_open_clip_tower(cfg: OpenClipConfig) -> tuple[nn.Module, dict]:
-    """The frozen open_clip vision tower and its preprocess cfg (size, mean, std)."""
-    from mimkit.models.clip_teacher import build_open_clip_visual
-
-    model_cfg = json.loads(Path(cfg.model_cfg).read_text()) if cfg.model_cfg else None
-    if cfg.pretrained is None and model_cfg is None:
-        log.warning("open_clip %s has no pretrained weights: a random network (fine for benchmarks only)",
-                    cfg.model_name)
-    visual, pre = build_open_clip_visual(cfg.model_name, cfg.pretrained, model_cfg, cfg.precision, cfg.cache_dir)
-    return visual.eval().requires_grad_(False), pre
-
-
 def build_perceptual(cfg: TokenizerTrainConfig) -> PerceptualLoss:
+    """PeCo's perceptual loss on the tower of the teacher `perceptual.teacher` names."""
     p = cfg.perceptual
-    src = (cfg.data.mean, cfg.data.std)
-    if p.network == "open_clip":
-        visual, pre = build_open_clip_tower(p.open_clip)
-        size = pre["size"] if isinstance(pre["size"], (list, tuple)) else (pre["size"], pre["size"])
-        return PerceptualLoss(visual, open_clip_features(visual, p.layers), tuple(size), pre["mean"], pre["std"], *src)
-    if not p.vit_export:
-        raise ValueError("perceptual.network=vit_export needs perceptual.vit_export=PATH (a mimkit ViT export)")
-    from mimkit.checkpoint.load import load_vit_export  # the one export loader (fine-tuning's)
-
-    vit, info = load_vit_export(p.vit_export)
-    vit = vit.eval().requires_grad_(False)
-    size = info["image_size"]
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    return PerceptualLoss(vit, vit_features(vit, p.layers), size, info["mean"], info["std"], *src)
+    return PerceptualLoss.from_teacher(build_teacher(p.teacher, "perceptual.teacher"), p.layers,
+                                       cfg.data.mean, cfg.data.std)
 
 
-def build_teacher(cfg: TokenizerTrainConfig):
-    from mimkit.models.clip_teacher import CLIPTeacher
-
-    t = cfg.teacher
-    model_cfg = json.loads(Path(t.model_cfg).read_text()) if t.model_cfg else None
-    if t.pretrained is None and model_cfg is None:
-        log.warning("VQ-KD teacher %s has no pretrained weights: a random teacher", t.model_name)
-    teacher = CLIPTeacher(t.model_name, t.pretrained, model_cfg=model_cfg, precision=t.precision,
-                          cache_dir=t.cache_dir)
+def build_vqkd_teacher(cfg: TokenizerTrainConfig) -> Teacher:
+    """VQ-KD's target network, `teacher`; its token width must be the one the decoder regresses."""
+    teacher = build_teacher(cfg.teacher, "teacher")
     if teacher.output_dim != cfg.vqkd.teacher_dim:
         raise ValueError(f"vqkd.teacher_dim={cfg.vqkd.teacher_dim} but the teacher gives {teacher.output_dim}-d tokens")
     return teacher
@@ -190,7 +157,7 @@ def _train(cfg: TokenizerTrainConfig, flag: PreemptionFlag) -> Path:
         save_config(cfg, run_dir / "config.yaml")
     # frozen networks: outside the engine, no grad, eval
     perceptual = build_perceptual(cfg).to(engine.device) if kind == "peco" and cfg.perceptual.weight > 0 else None
-    teacher = build_teacher(cfg).to(engine.device) if kind == "vqkd" else None
+    teacher = build_vqkd_teacher(cfg).to(engine.device) if kind == "vqkd" else None
 
     loader = build_stream(data_cfg, rank=rank, world_size=world)
     store = CheckpointStore(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)

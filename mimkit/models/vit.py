@@ -151,23 +151,42 @@ class Attention(nn.Module):
         else:
             self.relative_position_bias_table = None
 
-    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                token_index: Optional[torch.Tensor] = None, with_prefix: bool = True) -> torch.Tensor:
-        B, L, D = x.shape  # [B, L, D]
+    def qkv_and_bias(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     token_index: Optional[torch.Tensor] = None, with_prefix: bool = True
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """x [B, L, D] -> q, k, v [B, H, L, d] and the additive logit bias [1 or B, H, L, L] (the given
+        shared bias plus this block's own rel-pos table; None when there is neither)."""
+        B, L, D = x.shape
         if self.q_bias is not None:
             qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
             qkv = F.linear(x, self.qkv.weight, qkv_bias)
         else:
             qkv = self.qkv(x)
-        q, k, v = qkv.reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # [B, H, L, d]
+        q, k, v = qkv.reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         if self.relative_position_bias_table is not None:
             own = rel_pos_bias_from_table(self.relative_position_bias_table, self.relative_position_index,
                                           token_index, with_prefix)
             bias = own if bias is None else bias + own
+        return q, k, v, bias
+
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                token_index: Optional[torch.Tensor] = None, with_prefix: bool = True) -> torch.Tensor:
+        B, L, D = x.shape  # [B, L, D]
+        q, k, v, bias = self.qkv_and_bias(x, bias, token_index, with_prefix)  # [B, H, L, d]
         if bias is not None:
             bias = bias.to(q.dtype)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, H, L, d]
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+    def attention_probs(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                        token_index: Optional[torch.Tensor] = None, with_prefix: bool = True) -> torch.Tensor:
+        """[B, H, L, L] float32: the softmax weights `forward` applies to v (same inputs), for inspection
+        (a teacher's CLS attention). SDPA never returns them, so the logits are formed here in float32."""
+        q, k, _, bias = self.qkv_and_bias(x, bias, token_index, with_prefix)
+        logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if bias is not None:
+            logits = logits + bias.float()
+        return logits.softmax(dim=-1)
 
 
 def window_partition(x: torch.Tensor, grid: Tuple[int, int], window: int) -> Tuple[torch.Tensor, Tuple[int, int]]:

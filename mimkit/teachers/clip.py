@@ -7,33 +7,20 @@ What it gives, per image:
 - ``cls_attention`` [B, N]: the last block's attention from CLS to each patch, averaged over heads.
   open_clip's attention never returns its weights, so it is recomputed from that block's qkv projection.
 
-Input space. The teacher always sees CLIP's own normalisation (the mean / std in the open_clip model's
-preprocess cfg), whatever the student's is:
-- ``teacher(images_01)``: raw images in [0, 1];
-- ``teacher(images, source_mean=m, source_std=s)``: images normalised with (m, s) (the student's view);
-  they are un-normalised and re-normalised with CLIP's statistics in one affine step.
-Images whose size differs from the tower's are resized (bicubic) to it.
-
-The teacher is frozen, in eval mode, never needs grad, and runs in its own dtype (``precision``);
-outputs come back as float32. Keep it out of the training engine: it is not part of what is trained
-or checkpointed.
+Input space, dtype and freezing: `mimkit.teachers.base` (the teacher sees CLIP's own normalisation,
+the mean / std in the open_clip model's preprocess cfg).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TeacherOutput(NamedTuple):
-    tokens: torch.Tensor         # [B, 1+N, C] projected tokens, CLS first (float32)
-    cls_attention: torch.Tensor  # [B, N] last-block CLS->patch attention, head mean (float32)
+from mimkit.teachers.base import FrozenTeacher, TeacherOutput, teacher_dtype
 
 
 def build_open_clip_visual(model_name: str, pretrained: str | None = None,
@@ -54,7 +41,7 @@ def build_open_clip_visual(model_name: str, pretrained: str | None = None,
         preprocess = {"size": model.visual.image_size, "mean": open_clip.OPENAI_DATASET_MEAN,
                       "std": open_clip.OPENAI_DATASET_STD, "interpolation": "bicubic",
                       **model_cfg.get("preprocess_cfg", {})}
-        model = model.to(_DTYPES[precision])
+        model = model.to(teacher_dtype(precision))
     else:
         model = open_clip.create_model(model_name, pretrained=pretrained, precision=precision,
                                        cache_dir=cache_dir)
@@ -108,28 +95,7 @@ def last_block_cls_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return probs[:, :, 0, 1:].mean(dim=1)                                 # [B, N]
 
 
-
-def to_teacher_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: tuple[int, int],
-                     source_mean: Sequence[float] | torch.Tensor | None = None,
-                     source_std: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
-    """[B, 3, H, W] images -> a teacher's own normalisation (``mean``/``std``, [1, 3, 1, 1]) at ``size``, float32.
-
-    Without ``source_mean``/``source_std`` the images are raw [0, 1]; with them, they are normalised
-    with those statistics (the student's view) and are un-normalised first.
-    """
-    x = images.float()
-    if (source_mean is None) != (source_std is None):
-        raise ValueError("give both source_mean and source_std, or neither")
-    if source_mean is not None:
-        m = torch.as_tensor(source_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        s = torch.as_tensor(source_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        x = x * s + m  # back to [0, 1]
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False).clamp_(0, 1)
-    return (x - mean) / std
-
-
-class CLIPTeacher(nn.Module):
+class CLIPTeacher(FrozenTeacher):
     """Frozen open_clip vision tower: projected tokens (CLS included) and last-block CLS attention.
 
     Args:
@@ -145,40 +111,27 @@ class CLIPTeacher(nn.Module):
                  model_cfg: dict | None = None, precision: str = "fp32",
                  cache_dir: str | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None):
-        super().__init__()
         visual, preprocess = build_open_clip_visual(model_name, pretrained, model_cfg, precision, cache_dir)
         _check_supported(visual)
+        super().__init__(precision, mean if mean is not None else preprocess["mean"],
+                         std if std is not None else preprocess["std"], visual.image_size)
         self.visual = visual.eval().requires_grad_(False)
         self.model_name = model_name if model_cfg is None else "custom"
         self.pretrained = pretrained
-        self.dtype = _DTYPES[precision]
-        mean = tuple(mean if mean is not None else preprocess["mean"])
-        std = tuple(std if std is not None else preprocess["std"])
-        self.register_buffer("clip_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("clip_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.image_size = tuple(visual.image_size)     # (H, W)
         self.patch_size = tuple(visual.patch_size)     # (ph, pw)
         self.grid = tuple(visual.grid_size)            # (h, w)
         self.output_dim = int(visual.proj.shape[1])    # C: projected feature size (512 for ViT-B/16)
         self.interpolation = preprocess.get("interpolation", "bicubic")
-
-    def train(self, mode: bool = True) -> "CLIPTeacher":
-        return super().train(False)  # always eval: a teacher never switches to training behaviour
 
     @property
     def meta(self) -> dict[str, Any]:
         """What an export records about the teacher."""
         return {"library": "open_clip", "model_name": self.model_name, "pretrained": self.pretrained,
                 "output_dim": self.output_dim, "image_size": list(self.image_size),
-                "mean": self.clip_mean.flatten().tolist(), "std": self.clip_std.flatten().tolist()}
-
-    def to_clip_space(self, images: torch.Tensor, source_mean: Sequence[float] | torch.Tensor | None = None,
-                      source_std: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
-        """[B, 3, H, W] images -> CLIP-normalised [B, 3, H', W'] at the tower's size, float32."""
-        return to_teacher_input(images, self.clip_mean, self.clip_std, self.image_size, source_mean, source_std)
+                "mean": list(self.input_mean), "std": list(self.input_std)}
 
     @torch.no_grad()
-    def forward_clip_space(self, x: torch.Tensor) -> TeacherOutput:
+    def forward_teacher_space(self, x: torch.Tensor) -> TeacherOutput:
         """x: [B, 3, H, W] already in CLIP's normalisation at the tower's size."""
         v = self.visual
         x = v._embeds(x.to(self.dtype))                                    # [B, 1+N, D] (ln_pre applied)
@@ -196,11 +149,15 @@ class CLIPTeacher(nn.Module):
         tokens = v.ln_post(x) @ v.proj                                     # [B, 1+N, C]
         return TeacherOutput(tokens.float(), cls_attention.float())
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, source_mean: Sequence[float] | torch.Tensor | None = None,
-                source_std: Sequence[float] | torch.Tensor | None = None) -> TeacherOutput:
-        """images: raw [0, 1], or normalised with (source_mean, source_std). See the module docstring."""
-        return self.forward_clip_space(self.to_clip_space(images, source_mean, source_std))
+    # open_clip's names for the two steps of `forward`
+    to_clip_space = FrozenTeacher.to_teacher_space
+    forward_clip_space = forward_teacher_space
+
+    def patch_features(self, x: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+        """Per-block patch tokens [B, N, D] (unnormed, unprojected), open_clip's own ``forward_intermediates``."""
+        out = self.visual.forward_intermediates(x.to(self.dtype), indices=list(layers), intermediates_only=True,
+                                                output_fmt="NLC")
+        return out["image_intermediates"]
 
 
 def tiny_open_clip_cfg(image_size: int = 32, patch_size: int = 8, width: int = 64, layers: int = 2,
