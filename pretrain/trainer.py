@@ -55,6 +55,7 @@ class PretrainStep:
         self.batch: dict | None = None  # the last micro-batch, for pictures
         self.lr = 0.0
         self.saved_step = -1
+        self.batches_seen = 0  # by this process, in this run
 
     def begin_step(self, step: int) -> None:
         self.engine.set_schedule(self.schedule.lr_at(step), self.schedule.weight_decay_at(step))
@@ -71,6 +72,7 @@ class PretrainStep:
                 drawn = masks(batch["image"].shape[0], g, batch["scores"])
                 batch.update({k: v.to(self.engine.device) for k, v in drawn.items()})
         self.micro += 1
+        self.batches_seen += 1
         out = self.engine(batch)
         result = self.engine.train_step(self.cfg.debug.poison(out["loss"], step, self.engine.rank))
         self.batch, self.lr = batch, result.lr
@@ -160,7 +162,7 @@ def train(cfg: PretrainConfig) -> int:
                           on_window=lambda s, m: {"lr": body.lr, "skipped_steps": engine.skipped_steps})
         if body.saved_step != step and step > first:
             body.save(step)
-        log_end(logger, engine, stream, step, global_batch)
+        log_end(logger, engine, body, step)
     except Preempted as stop:
         return int(stop.code)
     finally:
@@ -175,15 +177,15 @@ def train(cfg: PretrainConfig) -> int:
     return 0
 
 
-def log_end(logger: MetricsLogger, engine: Engine, stream: StreamLoader, step: int, global_batch: int) -> None:
-    """The closing record: batches each rank served and the samples skipped on all of them (collective)."""
-    counts = torch.tensor([stream.state_dict()["epoch"] * len(stream) + stream.state_dict()["batch"],
-                           stream.skipped], dtype=torch.float64, device=engine.device)
-    per_rank = [counts.clone() for _ in range(engine.world_size)]
+def log_end(logger: MetricsLogger, engine: Engine, body: PretrainStep, step: int) -> None:
+    """The closing record: the batches each rank served in this run, and the samples skipped on all
+    ranks since the run began (collective)."""
+    mine = torch.tensor([body.batches_seen, body.stream.skipped], dtype=torch.float64, device=engine.device)
+    ranks = [mine.clone() for _ in range(engine.world_size)]
     if dist.is_initialized() and engine.world_size > 1:
-        dist.all_gather(per_rank, counts)
-    logger.log(step, samples=step * global_batch, batches_per_rank=[int(c[0]) for c in per_rank],
-               skipped_steps=engine.skipped_steps, skipped_samples_total=int(sum(c[1] for c in per_rank)),
+        dist.all_gather(ranks, mine)
+    logger.log(step, samples=step * body.global_batch, batches_per_rank=[int(r[0]) for r in ranks],
+               skipped_steps=engine.skipped_steps, skipped_samples_total=int(sum(r[1] for r in ranks)),
                event="end")
 
 

@@ -151,12 +151,12 @@ def test_presets_give_model_cfg_inline_and_as_a_file():
     from pathlib import Path
 
     from mimkit.config import ConfigError, load_config
-    from mimkit.pretrain.config import PretrainConfig
+    from mimkit.pretrain.config import load_pretrain_config
     from mimkit.teachers import resolve_model_cfg
     from mimkit.tokenizers.config import TokenizerTrainConfig
 
     root = Path(__file__).resolve().parents[1]
-    milan = load_config(PretrainConfig, root / "configs" / "pretrain" / "milan_tiny_cpu.yaml").milan.teacher
+    milan = load_pretrain_config(root / "configs" / "pretrain" / "milan_tiny_cpu.yaml").method.teacher
     vqkd = load_config(TokenizerTrainConfig, root / "configs" / "tokenizers" / "vqkd_tiny_cpu.yaml").teacher
     peco = load_config(TokenizerTrainConfig, root / "configs" / "tokenizers" / "peco_tiny_cpu.yaml").perceptual.teacher
     assert isinstance(milan.model_cfg, dict) and vqkd.model_cfg == peco.model_cfg == "configs/tokenizers/open_clip_tiny.json"

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from mimkit.data.masking import (
-    BlockMaskGenerator,
+    BlockMasks,
+    GuidedMasks,
+    RandomMasks,
     random_masking,
     sample_block_mask,
     sample_blocks,
@@ -69,16 +71,38 @@ def test_block_mask_is_deterministic_per_seed():
     b = sample_block_mask(rng=np.random.default_rng(8))
     assert np.array_equal(a[0], a[1])
     assert not np.array_equal(a[0], b)
-    g1, g2 = BlockMaskGenerator(seed=(3, 1, 0)), BlockMaskGenerator(seed=(3, 1, 0))
-    assert all(np.array_equal(g1(), g2()) for _ in range(5))
+    source = BlockMasks((14, 14), 75)
+    drawn = [source(5, torch.Generator().manual_seed(3))["mask"] for _ in range(2)]
+    assert torch.equal(drawn[0], drawn[1])  # a function of the generator's seed
 
 
-def test_block_mask_generator_batch():
-    gen = BlockMaskGenerator((8, 8), 20, min_block=4, seed=0)
-    masks = gen.batch(6)
+def test_block_masks_batch():
+    out = BlockMasks((8, 8), 20, min_block=4)(6, torch.Generator().manual_seed(0))
+    masks = out["mask"]
     assert masks.shape == (6, 64) and masks.dtype == torch.bool
     assert (masks.sum(1) == 20).all()
     assert len({tuple(m.tolist()) for m in masks}) > 1  # samples differ
+    assert torch.equal(out["ids_keep"], (~masks).nonzero()[:, 1].view(6, 44))  # the visible ones, ascending
+
+
+def test_random_masks_in_units_hide_whole_units():
+    """SimMIM: 32 px units on a 16 px patch grid are 2x2 patches, all masked or all visible."""
+    out = RandomMasks((4, 4), 8, unit=2)(16, torch.Generator().manual_seed(0))
+    units = out["mask"].view(16, 2, 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(16, 4, 4)  # [B, unit, 4 patches]
+    assert (units.all(-1) | ~units.any(-1)).all()  # each unit wholly masked or wholly visible
+    assert (out["mask"].sum(1) == 8).all() and out["ids_keep"].shape == (16, 8)
+    assert len({tuple(m.tolist()) for m in out["mask"]}) > 1
+    with pytest.raises(ValueError, match="divide"):
+        RandomMasks((5, 5), 4, unit=2)
+
+
+def test_guided_masks_need_scores():
+    source = GuidedMasks((4, 4), 12)
+    assert source.needs_scores and not RandomMasks((4, 4), 12).needs_scores
+    out = source(3, torch.Generator().manual_seed(0), torch.rand(3, 16))
+    assert (out["mask"].sum(1) == 12).all() and out["ids_keep"].shape == (3, 4)
+    with pytest.raises(ValueError, match="scores"):
+        source(3, torch.Generator())
 
 
 def test_random_masking_keeps_k_and_restores_order():

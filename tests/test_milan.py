@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from mimkit.config import load_config
 from mimkit.data.demo import make_demo_data
 from mimkit.models.vit import VisionTransformer, preset
+from mimkit.optim import resolve_lr
+from mimkit.pretrain.config import PretrainConfig, load_pretrain_config
 from mimkit.pretrain.eva import EvaConfig
 from mimkit.pretrain.mae import MaeConfig
-from mimkit.optim import resolve_lr
-from mimkit.pretrain.config import PretrainConfig
-from mimkit.pretrain.milan import (MaskedRegressionModel, MilanConfig, build_parts, cosine_distance, patchify,
-                                   save_masking_picture)
+from mimkit.pretrain.milan import MilanConfig
 from mimkit.pretrain.objectives import build_objective
+from mimkit.pretrain.parts import MaskedRegression, cosine_distance, masked_regression, patchify
+from mimkit.pretrain.trainer import mask_generator
 from mimkit.runlog import read_metrics
 from mimkit.teachers import TeacherConfig, build_teacher, tiny_open_clip_cfg
 
@@ -42,11 +42,22 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _tiny(cfg_cls, mask_token=False, **overrides):
+def _tiny(cfg_cls, mask_token=False, drop_path=0.0, **overrides):
+    """The method's Objective on a tiny encoder (and a tiny random open_clip teacher where it has one)."""
     torch.manual_seed(0)
-    cfg = cfg_cls(teacher=TeacherConfig(model_cfg=tiny_open_clip_cfg()), **{**SMALL_DECODER, **overrides})
-    encoder = VisionTransformer(preset("vit_tiny_cpu", pos_embed="sincos", mask_token=mask_token))
-    return build_parts(cfg, encoder, IMAGENET_MEAN, IMAGENET_STD)
+    method = cfg_cls(**{**SMALL_DECODER, **overrides})
+    if method.target == "teacher":
+        method.teacher = TeacherConfig(model_cfg=tiny_open_clip_cfg())
+    cfg = PretrainConfig(model=preset("vit_tiny_cpu", pos_embed="sincos", mask_token=mask_token, drop_path=drop_path))
+    return masked_regression(cfg, method)
+
+
+def _prepared(objective, images, seed=0):
+    """A batch as the trainer builds it: the targets, then the masks (with the targets' scores)."""
+    batch = {"image": images}
+    batch.update(objective.targets(batch))
+    batch.update(objective.masks(images.shape[0], torch.Generator().manual_seed(seed), batch.get("scores")))
+    return batch
 
 
 def _normalised(raw):
@@ -59,9 +70,8 @@ def _spearman(a, b):
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _visible_frequency(targets, image, draws=600):
-    batch = {"image": image.expand(draws, -1, -1, -1).contiguous()}
-    out = targets(batch)
+def _visible_frequency(objective, image, draws=600):
+    out = _prepared(objective, image.expand(draws, -1, -1, -1).contiguous())
     assert out["ids_keep"].shape == (draws, 4) and torch.all(out["ids_keep"].diff(dim=1) > 0)
     assert torch.all((~out["mask"]).sum(1) == 4)
     return (~out["mask"]).float().mean(0).numpy(), out
@@ -69,28 +79,28 @@ def _visible_frequency(targets, image, draws=600):
 
 def test_guided_masks_follow_the_teachers_attention():
     """Over many draws, high-attention patches are kept visible more often; uniform masking is the control."""
-    _, targets = _tiny(MilanConfig)
-    last = targets.teacher.visual.transformer.resblocks[-1]
+    milan = _tiny(MilanConfig)
+    last = milan.targets.teacher.visual.transformer.resblocks[-1]
     with torch.no_grad():  # sharpen the random teacher's attention so it is far from uniform
         last.attn.in_proj_weight[:64] *= 6
     image = _normalised(torch.rand(1, 3, 32, 32))
-    freq, out = _visible_frequency(targets, image)
-    attention = out["cls_attention"][0].numpy()
+    freq, out = _visible_frequency(milan, image)
+    attention = out["scores"][0].numpy()
     assert attention.max() > 3 * attention.min()
     rho = _spearman(freq, attention)
     assert rho > 0.8, f"visible frequency does not follow attention: spearman {rho:.2f}"
     # it is sampling, not top-k: low-attention patches are still drawn sometimes
     assert freq.min() > 0
 
-    _, uniform = _tiny(MilanConfig, mask_source="random")
-    uniform.teacher = targets.teacher
+    uniform = _tiny(MilanConfig, mask_source="random")
+    uniform.targets.teacher = milan.targets.teacher
     freq_uniform, _ = _visible_frequency(uniform, image)
     assert abs(_spearman(freq_uniform, attention)) < 0.6
     assert np.allclose(freq_uniform, 0.25, atol=0.08)
 
 
 def test_teacher_receives_clip_normalisation_from_the_students_view():
-    _, targets = _tiny(MilanConfig)
+    targets = _tiny(MilanConfig).targets
     seen = {}
     handle = targets.teacher.visual.conv1.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
     raw = torch.rand(2, 3, 32, 32)
@@ -102,7 +112,7 @@ def test_teacher_receives_clip_normalisation_from_the_students_view():
 
 
 def test_targets_are_teacher_tokens_with_cls():
-    _, targets = _tiny(MilanConfig)
+    targets = _tiny(MilanConfig).targets
     image = _normalised(torch.rand(2, 3, 32, 32))
     out = targets({"image": image})
     expected = targets.teacher(image, source_mean=IMAGENET_MEAN, source_std=IMAGENET_STD).tokens
@@ -111,25 +121,21 @@ def test_targets_are_teacher_tokens_with_cls():
 
 
 def test_masks_are_reproducible_after_restoring_state_and_differ_by_rank():
-    _, a = _tiny(MilanConfig, mask_source="random", target="pixels", decoder="mae", loss="mse")
-    _, b = _tiny(MilanConfig, mask_source="random", target="pixels", decoder="mae", loss="mse")
-    batch = {"image": torch.randn(4, 3, 32, 32)}
-    first = a(batch)["ids_keep"]
-    state = a.state_dict()
-    second = a(batch)["ids_keep"]
-    assert not torch.equal(first, second)
-    b.load_state_dict(state)
-    assert torch.equal(b(batch)["ids_keep"], second)
-    b.load_state_dict(state)
-    b.rank = 1
-    assert not torch.equal(b(batch)["ids_keep"], second)
+    """The trainer draws score-guided masks from a generator that is a function of (seed, rank, micro-batch
+    index): a resumed run draws the same masks with no saved state, and ranks draw different ones."""
+    milan = _tiny(MilanConfig)
+    scores = torch.rand(4, 16)
+    draw = lambda rank, index: milan.masks(4, mask_generator(0, rank, index), scores)["ids_keep"]  # noqa: E731
+    assert torch.equal(draw(0, 7), draw(0, 7))
+    assert not torch.equal(draw(0, 7), draw(0, 8))
+    assert not torch.equal(draw(1, 7), draw(0, 7))
 
 
 def test_cosine_loss_is_two_minus_two_cos_over_all_or_masked_tokens():
     x = torch.randn(1, 3, 8)
     assert torch.allclose(cosine_distance(x, 5 * x), torch.zeros(1, 3), atol=1e-6)
     assert torch.allclose(cosine_distance(x, -x), torch.full((1, 3), 4.0))
-    model = MaskedRegressionModel(torch.nn.Identity(), torch.nn.Identity(), "cosine", "all")
+    model = MaskedRegression(torch.nn.Identity(), torch.nn.Identity(), "cosine", "all")
     pred = torch.stack([x[0, 0], x[0, 1], x[0, 2]])[None]            # [1, 1+2, 8]: CLS + 2 patches
     target = torch.stack([x[0, 0], -x[0, 1], x[0, 2]])[None]          # patch 0 wrong, rest right
     mask = torch.tensor([[True, False]])                                # patch 0 masked
@@ -140,8 +146,9 @@ def test_cosine_loss_is_two_minus_two_cos_over_all_or_masked_tokens():
 
 
 def test_mae_pixel_targets_are_normalised_patches_in_patch_order():
-    model, targets = _tiny(MaeConfig)
-    assert targets.teacher is None and model.visible_only
+    mae = _tiny(MaeConfig)
+    targets, model = mae.targets, mae.model
+    assert not hasattr(targets, "teacher") and model.visible_only and not mae.masks.needs_scores
     image = torch.randn(2, 3, 32, 32)
     patches = patchify(image, 8)                                        # [2, 16, 192]
     torch.testing.assert_close(patches[1, 5], image[1, :, 8:16, 8:16].permute(1, 2, 0).reshape(-1))
@@ -151,9 +158,9 @@ def test_mae_pixel_targets_are_normalised_patches_in_patch_order():
 
 
 def test_eva_encodes_every_position_with_block_masks():
-    model, targets = _tiny(EvaConfig, mask_token=True, block_min_patches=2)
-    assert not model.visible_only
-    out = targets({"image": torch.randn(3, 3, 32, 32)})
+    eva = _tiny(EvaConfig, mask_token=True, block_min_patches=2)
+    assert not eva.model.visible_only
+    out = _prepared(eva, torch.randn(3, 3, 32, 32))
     assert torch.all(out["mask"].sum(1) == 6)                          # 40% of 16, rounded
     with pytest.raises(ValueError, match="mask token"):
         _tiny(EvaConfig, mask_token=False)
@@ -162,12 +169,13 @@ def test_eva_encodes_every_position_with_block_masks():
 @pytest.mark.parametrize("cfg_cls,mask_token", [(MilanConfig, False), (MaeConfig, False), (EvaConfig, True)])
 def test_loss_falls_on_a_fixed_batch(cfg_cls, mask_token):
     overrides = {"block_min_patches": 2} if cfg_cls is EvaConfig else {}
-    model, targets = _tiny(cfg_cls, mask_token=mask_token, **overrides)
+    objective = _tiny(cfg_cls, mask_token=mask_token, **overrides)
+    model = objective.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    batch = {"image": _normalised(torch.rand(8, 3, 32, 32))}
+    images = _normalised(torch.rand(8, 3, 32, 32))
     losses = []
-    for _ in range(15):
-        out = model(batch, targets(batch))
+    for step in range(15):
+        out = model(_prepared(objective, images, seed=step))
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
@@ -176,33 +184,28 @@ def test_loss_falls_on_a_fixed_batch(cfg_cls, mask_token):
 
 
 def test_picture_shows_attention_visible_patches_and_error(tmp_path):
-    model, targets = _tiny(MilanConfig)
-    raw = torch.rand(2, 3, 32, 32)
-    batch = {"image": _normalised(raw)}
-    out = targets(batch)
-    error = model.per_patch_error(batch, out)
-    assert error.shape == (2, 16)
-    path = save_masking_picture(tmp_path / "p.png", raw, (4, 4), out["mask"], out["cls_attention"], error)
-    assert path.stat().st_size > 1000
-    via_targets = targets.picture(model, batch, out, tmp_path / "pictures" / "step_1.png")
-    assert via_targets.stat().st_size > 1000
+    milan = _tiny(MilanConfig)
+    batch = _prepared(milan, _normalised(torch.rand(2, 3, 32, 32)))
+    _, per_token, _ = milan.model.forward_loss(milan.model.predict(batch), batch["target"], batch["mask"])
+    assert per_token[:, 1:].shape == (2, 16)  # the error per patch the picture shows
+    milan.picture(milan.model, batch, tmp_path / "pictures" / "step_1.png")
+    assert (tmp_path / "pictures" / "step_1.png").stat().st_size > 1000
+    mae = _tiny(MaeConfig)  # pixel targets: the masked images and their reconstruction
+    mae.picture(mae.model, _prepared(mae, _normalised(torch.rand(2, 3, 32, 32))), tmp_path / "mae.png")
+    assert (tmp_path / "mae.png").stat().st_size > 1000
 
 
 def test_picture_leaves_the_training_rng_and_mode_alone(tmp_path):
     """The trainer draws a picture at a resumed run's first step: with drop path on, a forward in training
     mode there would consume RNG the uninterrupted run did not, and the resumed losses would drift."""
-    torch.manual_seed(0)
-    cfg = MilanConfig(teacher=TeacherConfig(model_cfg=tiny_open_clip_cfg()), **SMALL_DECODER)
-    encoder = VisionTransformer(preset("vit_tiny_cpu", pos_embed="sincos", drop_path=0.5))
-    model, targets = build_parts(cfg, encoder, IMAGENET_MEAN, IMAGENET_STD)
-    batch = {"image": _normalised(torch.rand(2, 3, 32, 32))}
-    out = targets(batch)
+    milan = _tiny(MilanConfig, drop_path=0.5)
+    batch = _prepared(milan, _normalised(torch.rand(2, 3, 32, 32)))
     state = torch.get_rng_state()
-    model.per_patch_error(batch, out)
+    milan.model.predict(batch)
     assert not torch.equal(torch.get_rng_state(), state)  # the control: drop path draws in training mode
     state = torch.get_rng_state()
-    targets.picture(model, batch, out, tmp_path / "p.png")
-    assert torch.equal(torch.get_rng_state(), state) and model.training
+    milan.picture(milan.model, batch, tmp_path / "p.png")
+    assert torch.equal(torch.get_rng_state(), state) and milan.model.training
 
 
 # ---- presets ---------------------------------------------------------------------------------------
@@ -218,19 +221,19 @@ def test_the_presets_are_all_there():
 
 @pytest.mark.parametrize("name", MIM_PRESETS)
 def test_preset_loads_with_every_section(name):
-    cfg = load_config(PretrainConfig, PRESETS / name)
+    cfg = load_pretrain_config(PRESETS / name)
     objective = name.split("_")[0]
     assert cfg.objective == objective
-    assert cfg.data.tok_size is None  # one view: no tokenizer view for these objectives
     assert cfg.model.pos_embed == "sincos" and cfg.engine.zero_stage in (1, 2)
     assert cfg.optim.base_batch_size == 256 and cfg.optim.weight_decay == 0.05 and cfg.optim.warmup_steps > 0
-    section = getattr(cfg, objective)
+    section = cfg.method
     if name.endswith("_cpu.yaml"):
         assert cfg.engine.precision == "fp32" and cfg.model.img_size == cfg.data.image_size == 32
         assert cfg.run.steps <= 200 and cfg.run.export
         torch.manual_seed(0)
-        model, targets = build_objective(cfg)  # tiny random teacher: nothing downloaded
-        assert tuple(targets.grid) == (4, 4) and model.encoder.embed_dim == 64
+        built = build_objective(cfg)  # tiny random teacher: nothing downloaded
+        assert built.second_view is None  # one view: no tokenizer view for these objectives
+        assert tuple(built.masks.grid) == (4, 4) and built.model.encoder.embed_dim == 64
     else:  # the paper's recipe (FIELD_NOTES.md, MILAN)
         steps_per_epoch = IMAGENET_TRAIN // 4096
         assert cfg.run.steps == 400 * steps_per_epoch and cfg.optim.warmup_steps == 40 * steps_per_epoch
@@ -239,7 +242,7 @@ def test_preset_loads_with_every_section(name):
         assert math.isclose(resolve_lr(cfg.optim.lr, 4096, cfg.optim.base_batch_size), 2.4e-3)
         assert tuple(cfg.optim.betas) == (0.9, 0.95) and cfg.optim.min_lr == 0.0
         assert cfg.engine.precision == "bf16" and cfg.model.img_size == 224 and cfg.model.patch_size == 16
-        assert (section.mask_source, section.mask_ratio, section.target) == ("guided", 0.75, "clip")
+        assert (section.mask_source, section.mask_ratio, section.target) == ("guided", 0.75, "teacher")
         assert (section.decoder, section.decoder_depth, section.decoder_dim) == ("prompting", 8, 512)
         assert (section.loss, section.loss_on) == ("cosine", "all")
         assert section.teacher.model_name == "ViT-B-16" and section.teacher.model_cfg is None
@@ -318,7 +321,7 @@ def test_two_rank_milan_loss_falls_and_export_is_encoder_only(first_launch):
     assert env["objective"] == "milan" and env["world_size"] == 2 and env["zero_stage"] == 2
     assert list((run_dir / "pictures").glob("masks_*.png"))  # attention / visible patches / error picture
 
-    cfg = load_config(PretrainConfig, PRESETS / "milan_tiny_cpu.yaml")
+    cfg = load_pretrain_config(PRESETS / "milan_tiny_cpu.yaml")
     torch.manual_seed(0)  # the trainer's seed: the encoder's initial weights
     initial = VisionTransformer(cfg.model).state_dict()
     exported = load_file(str(run_dir / "export" / "model.safetensors"))
@@ -344,8 +347,8 @@ def test_two_rank_milan_killed_run_resumes_to_the_uninterrupted_losses(first_lau
     assert _ended(run_dir, proc)[-1]["batches_per_rank"] == [STEPS - SAVE_EVERY] * 2
     expected, resumed = losses_by_step(reference), losses_by_step(run_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1))
-    # exact (fp32): the same weights, optimizer state, data position and masks (the targets' draw count
-    # travels in the checkpoint's per-rank client state) as the uninterrupted run
+    # exact (fp32): the same weights, optimizer state, data position and masks (a function of the
+    # micro-batch index) as the uninterrupted run
     after = range(SAVE_EVERY + 1, STEPS + 1)
     assert [resumed[s] for s in after] == [expected[s] for s in after]
 

@@ -295,7 +295,7 @@ def pretrain_assets(tmp_path_factory):
     demo = make_demo_data(root / "demo", image_size=32, images_per_shard=50)
 
     def overrides(steps: int, **extra) -> list[str]:
-        base = {"data.shards": demo.shards_dir, "beit.tokenizer": tok, "run.root": root / "runs",
+        base = {"data.shards": demo.shards_dir, "method.tokenizer": tok, "run.root": root / "runs",
                 "run.steps": steps, "run.log_every": 1, "run.save_every": 1000, "data.num_workers": 0,
                 "data.batches_per_epoch": 5, "data.batch_size": 8, "optim.warmup_steps": 2}
         base.update(extra)

@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mimkit.data.masking import BlockMasks
 from mimkit.data.stream import DataConfig, build_stream, expand_shards
+from mimkit.data.transforms import SecondView
 
 
 def jpeg(seed: int, size=(40, 32), mode="RGB") -> bytes:
@@ -51,8 +53,11 @@ def make_shards(folder, counts: list[int], prefix="s") -> str:
     return str(folder / f"{prefix}-{{000..{len(counts) - 1:03d}}}.tar")
 
 
+TOKENIZER_VIEW = SecondView(size=16)
+
+
 def small_config(shards: str, **kw) -> DataConfig:
-    base = dict(shards=shards, batch_size=2, num_workers=0, batches_per_epoch=6, image_size=32, tok_size=16,
+    base = dict(shards=shards, batch_size=2, num_workers=0, batches_per_epoch=6, image_size=32,
                 shuffle_buffer=4, return_keys=True)
     base.update(kw)
     return DataConfig(**base)
@@ -67,26 +72,25 @@ def take(loader, n: int) -> list[dict]:
     return out
 
 
-def block_mask():
-    return np.random.rand(2, 2) < 0.5  # seeded per batch by the stream
+BLOCK_MASKS = BlockMasks((2, 2), 2, min_block=1)  # drawn per batch in the worker, seeded by the stream
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_gives_the_same_remaining_batches(tmp_path, workers):
     cfg = small_config(make_shards(tmp_path, [7, 5, 9, 6]), num_workers=workers, batches_per_epoch=8)
-    loader = build_stream(cfg, mask_fn=block_mask)
+    loader = build_stream(cfg, masks=BLOCK_MASKS, second_view=TOKENIZER_VIEW)
     batches = iter(loader)  # one uninterrupted pass: the state is read while it runs
     [next(batches) for _ in range(3)]
     state = loader.state_dict()
     assert state["epoch"] == 0 and state["batch"] == 3
     expected = [next(batches) for _ in range(3)]
 
-    resumed = build_stream(cfg, mask_fn=block_mask)
+    resumed = build_stream(cfg, masks=BLOCK_MASKS, second_view=TOKENIZER_VIEW)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
     got = take(resumed, 3)
     for a, b in zip(expected, got):
         assert a["key"] == b["key"]
-        for k in ("image", "image_tok", "mask", "label"):
+        for k in ("image", "image_tok", "mask", "ids_keep", "label"):
             assert torch.equal(a[k], b[k]), k
     # a differently seeded stream differs
     other = build_stream(small_config(cfg.shards, seed=1, num_workers=workers, batches_per_epoch=8))
@@ -177,7 +181,7 @@ def test_bad_samples_are_skipped_counted_and_good_ones_delivered(tmp_path):
 
 def test_device_mode_batches_are_uint8_until_the_device_transform(tmp_path):
     cfg = small_config(make_shards(tmp_path, [8]), mode="device", batches_per_epoch=2)
-    loader = build_stream(cfg, mask_fn=block_mask)
+    loader = build_stream(cfg, masks=BLOCK_MASKS, second_view=TOKENIZER_VIEW)
     batch = next(iter(loader))
     assert batch["image"].dtype == torch.uint8 and batch["image_tok"].shape == (2, 3, 16, 16)
     out = loader.device_transform(batch)

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mimkit.checkpoint.export import _teacher_of
-from mimkit.config import load_config, to_dict
 from mimkit.models.pos_embed import relative_position_index
 from mimkit.models.vit import ViTConfig, VisionTransformer, preset
-from mimkit.pretrain.config import PretrainConfig
-from mimkit.pretrain.milan import MilanConfig, build_parts
+from mimkit.pretrain.config import PretrainConfig, load_pretrain_config
+from mimkit.pretrain.milan import MilanConfig
+from mimkit.pretrain.objectives import build_objective
+from mimkit.pretrain.parts import masked_regression
 from mimkit.teachers import TeacherConfig, TeacherOutput, ViTExportTeacher, build_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,18 +207,19 @@ def test_milan_builds_the_export_teacher_and_trains_on_its_targets(tmp_path, mon
     cfg = MilanConfig(teacher=TeacherConfig(kind="vit_export", export="beit/export"), decoder_dim=32,
                       decoder_depth=1, decoder_heads=4, decoder_mlp_ratio=2.0)
     torch.manual_seed(0)
-    student = VisionTransformer(preset("vit_tiny_cpu", pos_embed="sincos"))
-    model, targets = build_parts(cfg, student, IMAGENET_MEAN, IMAGENET_STD)
+    milan = masked_regression(PretrainConfig(model=preset("vit_tiny_cpu", pos_embed="sincos")), cfg)
+    model, targets = milan.model, milan.targets
     assert isinstance(targets.teacher, ViTExportTeacher)
     assert cfg.teacher.export == str((tmp_path / "beit" / "export").resolve())  # what config.yaml / export record
     raw = torch.rand(4, 3, 32, 32)
     batch = {"image": _normalise(raw, IMAGENET_MEAN, IMAGENET_STD)}
-    t = targets(batch)
+    batch.update(targets(batch))
     with torch.no_grad():
         expected = source.forward_features(_normalise(raw, EXPORT_MEAN, EXPORT_STD))
-    torch.testing.assert_close(t["target"], expected, atol=1e-5, rtol=1e-5)
-    assert t["ids_keep"].shape == (4, 4) and t["cls_attention"].shape == (4, 16)
-    out = model(batch, t)
+    torch.testing.assert_close(batch["target"], expected, atol=1e-5, rtol=1e-5)
+    batch.update(milan.masks(4, torch.Generator().manual_seed(0), batch["scores"]))
+    assert batch["ids_keep"].shape == (4, 4) and batch["scores"].shape == (4, 16)
+    out = model(batch)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and model.decoder is not None
     assert not any(p.grad is not None for p in targets.teacher.parameters())
@@ -238,24 +239,23 @@ def test_build_teacher_refuses_ambiguous_or_missing_teachers(tmp_path):
 def test_the_export_of_a_milan_run_names_the_vit_export_teacher(tmp_path):
     """What `mimkit export` writes as `teacher` for a MILAN run whose teacher is an export: kind and path."""
     _write_export(tmp_path / "beit", _beit_cfg())
-    cfg = load_config(PretrainConfig, ROOT / "configs" / "pretrain" / "demo_milan_cpu.yaml",
-                      [f"milan.teacher.export={tmp_path / 'beit'}"])
-    build_teacher(cfg.milan.teacher)
-    teacher = _teacher_of(to_dict(cfg))
+    cfg = load_pretrain_config(ROOT / "configs" / "pretrain" / "demo_milan_cpu.yaml",
+                               [f"method.teacher.export={tmp_path / 'beit'}", "model.img_size=32"])
+    teacher = build_objective(cfg).export_meta["teacher"]  # what the run's checkpoints hand to the export
     assert teacher["kind"] == "vit_export" and teacher["export"] == str((tmp_path / "beit").resolve())
 
 
 def test_demo_preset_matches_the_demo_beit_geometry():
     pre = ROOT / "configs" / "pretrain"
-    cfg = load_config(PretrainConfig, pre / "demo_milan_cpu.yaml")
+    cfg = load_pretrain_config(pre / "demo_milan_cpu.yaml")
     beit_preset = pre / "demo_beit_cpu.yaml" if (pre / "demo_beit_cpu.yaml").is_file() else pre / "beit_tiny_cpu.yaml"
-    beit = load_config(PretrainConfig, beit_preset)
-    assert cfg.objective == "milan" and cfg.milan.teacher.kind == "vit_export"
+    beit = load_pretrain_config(beit_preset)
+    assert cfg.objective == "milan" and cfg.method.teacher.kind == "vit_export"
     assert cfg.model.img_size == cfg.data.image_size == beit.model.img_size == beit.data.image_size
     assert cfg.model.patch_size == beit.model.patch_size
     assert cfg.data.mean == beit.data.mean and cfg.data.std == beit.data.std
     assert cfg.engine.precision == "fp32" and 150 <= cfg.run.steps <= 300 and cfg.run.export
-    assert cfg.model.pos_embed == "sincos" and cfg.milan.mask_source == "guided" and cfg.milan.target == "clip"
+    assert cfg.model.pos_embed == "sincos" and cfg.method.mask_source == "guided" and cfg.method.target == "teacher"
 
 
 # ---- PeCo: perceptual.teacher.kind -------------------------------------------------------------------------

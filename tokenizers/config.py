@@ -1,8 +1,7 @@
 """The typed config of ``deepspeed tokenizers --config configs/tokenizers/NAME.yaml [key=value ...]``.
 
 The ``data`` section is the shared stream config; its ``image_size``, ``interpolation``, ``mean`` and
-``std`` are the tokenizer's input contract and go into the export unchanged (``tok_size`` is unused:
-a tokenizer sees one view).
+``std`` are the tokenizer's input contract and go into the export unchanged (a tokenizer sees one view).
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ class TokenizerTrainConfig:
     kind: str = "dvae"  # dvae | peco | vqkd
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(
-        image_size=112, tok_size=None, interpolation="lanczos", color_jitter=0.0,
+        image_size=112, interpolation="lanczos", color_jitter=0.0,
         mean=[-0.125] * 3, std=[1.25] * 3))
     engine: EngineConfig = field(default_factory=EngineConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, min_lr=1e-5))

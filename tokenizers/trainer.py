@@ -135,7 +135,7 @@ def train(cfg: TokenizerTrainConfig) -> Path:
 def _train(cfg: TokenizerTrainConfig, flag: PreemptionFlag) -> Path:
     torch.manual_seed(cfg.run.seed)
     kind = cfg.kind
-    data_cfg = dataclasses.replace(cfg.data, tok_size=None, seed=cfg.run.seed + cfg.data.seed)
+    data_cfg = dataclasses.replace(cfg.data, seed=cfg.run.seed + cfg.data.seed)
     tokenizer = build_tokenizer_model(kind, dataclasses.asdict(cfg.arch))
     disc = None
     if cfg.adversarial.enabled:

@@ -10,9 +10,7 @@ import sys
 
 import torch.distributed as dist
 
-from mimkit.config import parse_cli
-from mimkit.pretrain.config import PretrainConfig
-from mimkit.pretrain.trainer import train
+from mimkit.pretrain.trainer import parse_args, train
 
 
 def split_runs(argv: list[str]) -> list[list[str]]:
@@ -29,7 +27,7 @@ def split_runs(argv: list[str]) -> list[list[str]]:
 def main(argv: list[str]) -> int:
     code = 0
     for args in split_runs(argv):
-        code = train(parse_cli(PretrainConfig, args, prog="run_milan"))
+        code = train(parse_args(args, prog="run_milan"))
         if code:
             break
     if dist.is_initialized():
