@@ -40,7 +40,8 @@ from PIL import Image
 from mimkit.data.shards import write_shards
 from mimkit.data.stream import DataConfig, build_stream, read_tar_samples
 from mimkit.data.transforms import (
-    DALLE_MEAN, DALLE_STD, IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, ViewTransform, apply_jitter, normalise,
+    DALLE_MEAN, DALLE_STD, IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, SecondView, ViewTransform, apply_jitter,
+    normalise,
     sample_jitter,
 )
 
@@ -49,20 +50,14 @@ SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field"
 
 
 def mask_generator():
-    """BEiT block masking from mimkit.data.masking, or a stand-in of similar cost if it is missing."""
-    try:
-        from mimkit.data.masking import BlockMaskGenerator
+    """BEiT block masking (75 of 14 x 14): mimkit's mask source, and the same sampler per sample for the
+    torchvision loaders (each of their workers draws from its own NumPy state)."""
+    from mimkit.data.masking import BlockMasks, sample_block_mask
 
-        return BlockMaskGenerator(grid=(14, 14), num_masked=75, seed=0), "mimkit.data.masking.BlockMaskGenerator"
-    except ImportError:
-        def stand_in():
-            mask = np.zeros((14, 14), dtype=bool)
-            while mask.sum() < 75:
-                h, w = np.random.randint(2, 7, size=2)
-                top, left = np.random.randint(0, 14 - h), np.random.randint(0, 14 - w)
-                mask[top:top + h, left:left + w] = True
-            return mask
-        return stand_in, "stand-in rectangles"
+    def per_sample() -> np.ndarray:
+        return sample_block_mask((14, 14), 75, rng=np.random.default_rng(np.random.randint(2**31)))
+
+    return BlockMasks((14, 14), 75), per_sample, "mimkit.data.masking.BlockMasks"
 
 
 def load_photos() -> list[np.ndarray]:
@@ -175,7 +170,7 @@ def bench(args) -> dict:
     from torchvision.datasets import ImageFolder
 
     torch.set_num_threads(1)
-    mask_fn, mask_name = mask_generator()
+    masks, mask_fn, mask_name = mask_generator()
     device_transform = DeviceTransform(color_jitter=0.4)
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,10 +184,10 @@ def bench(args) -> dict:
 
         def mimkit_run(mode: str, **transform_kw):
             cfg = DataConfig(shards=str(shards), batch_size=args.batch, num_workers=0, batches_per_epoch=batches,
-                             shuffle_buffer=100, mode=mode, image_size=args.image_size, tok_size=args.tok_size)
+                             shuffle_buffer=100, mode=mode, image_size=args.image_size)
             transform = ViewTransform(image_size=args.image_size, tok_size=args.tok_size, **transform_kw) \
                 if transform_kw else None
-            loader = build_stream(cfg, transform=transform, mask_fn=mask_fn)
+            loader = build_stream(cfg, transform=transform, masks=masks, second_view=SecondView(args.tok_size))
 
             def run():
                 for batch in loader:

@@ -17,12 +17,11 @@ import time
 
 import torch
 
-from mimkit.models.vit import VisionTransformer, preset
-from mimkit.pretrain.milan import MilanConfig, build_parts
+from mimkit.models.vit import preset
+from mimkit.pretrain.config import PretrainConfig
+from mimkit.pretrain.milan import MilanConfig
+from mimkit.pretrain.parts import masked_regression
 from mimkit.teachers import TeacherConfig, tiny_open_clip_cfg
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -50,24 +49,27 @@ def main(argv=None) -> int:
     else:
         encoder_cfg = preset("vit_base_patch16")
         cfg = MilanConfig(teacher=TeacherConfig(model_name="ViT-B-16", precision=precision))
-    model, targets = build_parts(cfg, VisionTransformer(encoder_cfg), IMAGENET_MEAN, IMAGENET_STD)
+    milan = masked_regression(PretrainConfig(model=encoder_cfg), cfg)
+    model, targets = milan.model, milan.targets
     model.to(device).train()
     targets.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     size = encoder_cfg.img_size
     batch = {"image": torch.randn(batch_size, 3, size, size, device=device)}
+    generator = torch.Generator().manual_seed(0)
 
     teacher_s, total_s = 0.0, 0.0
     for step in range(args.warmup + args.steps):
         _sync(device)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            t = targets(batch)                     # teacher forward + guided mask sampling, outside the engine
+        with torch.no_grad():                      # teacher forward + guided mask sampling, outside the engine
+            t = dict(batch, **targets(batch))
+            t.update({k: v.to(device) for k, v in milan.masks(batch_size, generator, t["scores"]).items()})
         _sync(device)
         t1 = time.perf_counter()
         with autocast:
-            out = model(batch, t)
+            out = model(t)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -51,29 +51,27 @@ def count_flops(step_fn) -> int:
 
 
 def build_beit(batch: int, zero_stage: int):
-    from mimkit.config import load_config
-    from mimkit.data.masking import BlockMaskGenerator
+    from mimkit.data.masking import BlockMasks
     from mimkit.distributed.engine import Engine, EngineConfig
     from mimkit.models.vit import VisionTransformer
     from mimkit.optim import param_groups
     from mimkit.pretrain.beit import MaskedTokenPrediction
-    from mimkit.pretrain.config import PretrainConfig
+    from mimkit.pretrain.config import load_pretrain_config
 
-    cfg = load_config(PretrainConfig, ROOT / "configs" / "pretrain" / "beit_vit_b16.yaml", ["beit.tokenizer=unused"])
+    cfg = load_pretrain_config(ROOT / "configs" / "pretrain" / "beit_vit_b16.yaml", ["method.tokenizer=unused"])
     torch.manual_seed(0)
     model = MaskedTokenPrediction(VisionTransformer(cfg.model), vocab_size=8192)
     engine = Engine(model, param_groups(model, 0.05), EngineConfig(zero_stage=zero_stage, clip_grad=3.0),
                     micro_batch_size=batch, lr=1.5e-3)
-    masks = BlockMaskGenerator((14, 14), cfg.beit.num_masked, cfg.beit.min_block, seed=0)
-    data = {"image": torch.randn(batch, 3, 224, 224), "mask": masks.batch(batch)}
-    targets = {"ids": torch.randint(0, 8192, (batch, 196))}
+    masks = BlockMasks((14, 14), cfg.method.num_masked, cfg.method.min_block)(batch, torch.Generator().manual_seed(0))
+    data = {"image": torch.randn(batch, 3, 224, 224), "ids": torch.randint(0, 8192, (batch, 196)), **masks}
 
     def step(count_only: bool = False):
         if count_only:  # FLOPs of forward + backward, without moving the weights
-            model(data, targets)["loss"].backward()
+            model(data)["loss"].backward()
             model.zero_grad(set_to_none=True)
             return
-        engine.train_step(engine(data, targets)["loss"])
+        engine.train_step(engine(data)["loss"])
 
     return step, engine
 
