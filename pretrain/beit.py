@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mimkit.data.masking import BlockMaskGenerator
-from mimkit.models.tokenizer_export import Tokenizer, load_tokenizer
+from mimkit.checkpoint.tokenizer_export import Tokenizer, load_tokenizer
 from mimkit.models.vit import Block, VisionTransformer
 
 # ---- targets: the frozen tokenizer ----------------------------------------------------------------

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mimkit.checkpoint.export_format import is_export
 from mimkit.data.masking import random_masking, sample_block_mask, sample_guided_visible
 from mimkit.models.clip_teacher import CLIPTeacher
 from mimkit.models.vit_teacher import ViTExportTeacher
@@ -386,7 +387,7 @@ def build_teacher(cfg: TeacherConfig) -> CLIPTeacher | ViTExportTeacher:
             raise ValueError("teacher.kind is vit_export but teacher.export is empty: set it to a mimkit export "
                              "folder (model.safetensors + mimkit.json), e.g. teacher.export=runs/demo/beit/export")
         export = Path(cfg.export).expanduser().resolve()
-        if not (export / "mimkit.json").is_file() or not (export / "model.safetensors").is_file():
+        if not is_export(export):
             raise FileNotFoundError(f"teacher.export={cfg.export}: not a mimkit export (needs model.safetensors "
                                     "and mimkit.json)")
         cfg.export = str(export)

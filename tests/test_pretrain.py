@@ -11,7 +11,7 @@ import torch
 
 from mimkit.config import load_config
 from mimkit.data.demo import make_demo_data
-from mimkit.models.tokenizer_export import save_random_tokenizer_export
+from mimkit.checkpoint.tokenizer_export import save_random_tokenizer_export
 from mimkit.pretrain.beit import build, build_v2
 from mimkit.pretrain.config import PretrainConfig
 from mimkit.runlog import read_metrics
