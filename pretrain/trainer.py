@@ -83,9 +83,29 @@ def _batches(stream):
         yield from stream
 
 
+def export_meta_from_config(cfg: PretrainConfig) -> dict[str, Any]:
+    """Temporary (until the objectives say it themselves): the checkpoint's ``export_meta`` for `mimkit
+    export` (method, tokenizer, teacher), read from the objective's own config section."""
+    def first_under(tree: Any, key: str) -> Any:  # the objective sections nest these
+        if isinstance(tree, dict):
+            if tree.get(key) not in (None, "", {}):
+                return tree[key]
+            for value in tree.values():
+                found = first_under(value, key)
+                if found is not None:
+                    return found
+        return None
+
+    section = to_dict(cfg).get("beit" if cfg.objective in ("beit", "peco", "beitv2") else cfg.objective) or {}
+    regresses_teacher = section.get("target", "clip") == "clip"  # MAE's teacher section holds unused defaults
+    return {"method": cfg.objective, "tokenizer": first_under(section, "tokenizer"),
+            "teacher": first_under(section, "teacher") if regresses_teacher else None}
+
+
 def _save(store: CheckpointStore, engine: Engine, cfg: PretrainConfig, step: int, samples: int, stream,
           targets) -> None:
-    client = {"samples": samples, "objective": cfg.objective, "config": to_dict(cfg)}
+    client = {"samples": samples, "objective": cfg.objective, "config": to_dict(cfg),
+              "export_meta": export_meta_from_config(cfg)}
     store.save(engine, step, client, rank_state={"stream": stream.state_dict(), "targets": targets.state_dict()})
 
 

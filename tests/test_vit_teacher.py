@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mimkit.checkpoint.export import _teacher_of
-from mimkit.config import load_config, to_dict
+from mimkit.config import load_config
 from mimkit.models.clip_teacher import TeacherOutput
 from mimkit.models.pos_embed import relative_position_index
 from mimkit.models.vit import ViTConfig, VisionTransformer, preset
 from mimkit.models.vit_teacher import ViTExportTeacher
 from mimkit.pretrain.config import PretrainConfig
 from mimkit.pretrain.milan import MilanConfig, TeacherConfig, build_parts, build_teacher
+from mimkit.pretrain.trainer import export_meta_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -242,7 +242,7 @@ def test_the_export_of_a_milan_run_names_the_vit_export_teacher(tmp_path):
     cfg = load_config(PretrainConfig, ROOT / "configs" / "pretrain" / "demo_milan_cpu.yaml",
                       [f"milan.teacher.export={tmp_path / 'beit'}"])
     build_teacher(cfg.milan.teacher)
-    teacher = _teacher_of(to_dict(cfg))
+    teacher = export_meta_from_config(cfg)["teacher"]
     assert teacher["kind"] == "vit_export" and teacher["export"] == str((tmp_path / "beit").resolve())
 
 
