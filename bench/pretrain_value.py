@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     args, demo_args = parser.parse_known_args(argv)
     out = Path(args.out).resolve()
 
-    from mimkit.demo import DEFAULTS, PRESETS
-    from mimkit.demo import main as demo_main
+    from mimkit.demo.chain import DEFAULTS, PRESETS
+    from mimkit.demo.chain import main as demo_main
 
     start = time.time()
     names = ("mae", "beit", "milan")

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from mimkit.models.tokenizer_export import tokenizer_classes
+from mimkit.checkpoint.tokenizer_export import tokenizer_classes
 
 PAPER = {  # kind -> input size (BEiT's 112 px DALL-E view; 224 px for PeCo and VQ-KD: a 14x14 grid each)
     "dvae": 112,

@@ -5,7 +5,6 @@ or any layout `mimkit.checkpoint.load` reads."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +12,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
+from mimkit.checkpoint.export_format import read_export_meta, vit_config_from_export
 from mimkit.checkpoint.load import LoadReport, load_checkpoint_into_vit
 from mimkit.finetune.config import FinetuneConfig
 from mimkit.models.vit import ViTConfig, VisionTransformer, preset
@@ -23,15 +23,16 @@ def export_meta(init: str) -> Optional[dict]:
     if not init:
         return None
     path = Path(init)
-    meta = (path if path.is_dir() else path.parent) / "mimkit.json"
-    return json.loads(meta.read_text()) if meta.is_file() else None
+    try:
+        return read_export_meta(path if path.is_dir() else path.parent)
+    except FileNotFoundError:
+        return None
 
 
 def encoder_config(cfg: FinetuneConfig, meta: Optional[dict]) -> ViTConfig:
     """The export's architecture (or the preset's) with the fine-tuning head options."""
     if meta is not None:
-        names = {f.name for f in dataclasses.fields(ViTConfig)}
-        vit = ViTConfig(**{k: v for k, v in meta["architecture"].items() if k in names})
+        vit = vit_config_from_export(meta)
     else:
         vit = preset(cfg.model.preset)
     changes = dict(num_classes=0, global_pool=cfg.model.global_pool, drop_path=cfg.model.drop_path,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import mimkit.finetune.classification as classification
-from mimkit.checkpoint.load import read_export_meta, vit_config_from_export
+from mimkit.checkpoint.export_format import read_export_meta, vit_config_from_export
 from mimkit.config import load_config
 from mimkit.finetune.config import FinetuneConfig
 from mimkit.finetune.trainer import train

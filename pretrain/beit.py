@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from mimkit.data.masking import BlockMasks
 from mimkit.data.transforms import SecondView
-from mimkit.models.tokenizer_export import load_tokenizer
+from mimkit.checkpoint.tokenizer_export import load_tokenizer
 from mimkit.models.vit import Block, VisionTransformer
 from mimkit.pretrain.objective import Method, Objective
 from mimkit.pretrain.parts import TokenizerTargets

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from mimkit.data.masking import BlockMasks, GuidedMasks, MaskSource, RandomMasks
 from mimkit.models.decoders import MAEDecoder, PromptingDecoder
-from mimkit.models.tokenizer_export import Tokenizer
+from mimkit.checkpoint.tokenizer_export import Tokenizer
 from mimkit.models.vit import VisionTransformer
 from mimkit.pretrain.objective import Objective
 from mimkit.teachers import Teacher, TeacherConfig, build_teacher

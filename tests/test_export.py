@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from mimkit_test_distributed import run_torchrun  # tests/distributed.py, registered by conftest.py
-from mimkit.checkpoint.export import ExportError, export_run, find_checkpoint, load_checkpoint_file, main, timm_spec, \
-    to_timm_state
+from mimkit.checkpoint.export import ExportError, export_run, find_checkpoint, load_checkpoint_file, main, \
+    run_export_meta, timm_spec, to_timm_state
 from mimkit.models.vit import VisionTransformer, ViTConfig, preset
 
 SCRIPT = Path(__file__).parent / "dist_scripts_ft" / "make_zero_runs.py"
@@ -119,3 +119,15 @@ def test_checkpoint_carrying_code_is_refused(tmp_path):
     torch.save({"module": {"w": torch.zeros(1)}, "evil": _Payload()}, path)
     with pytest.raises(ExportError, match="refused to unpickle"):
         load_checkpoint_file(path)
+
+
+def test_export_meta_comes_from_the_checkpoint_or_export_refuses(tmp_path):
+    tag = tmp_path / "checkpoints" / "step_00000003"
+    with pytest.raises(ExportError, match=r"step_00000003.*'export_meta'"):
+        run_export_meta({"samples": 12}, tag)
+    with pytest.raises(ExportError, match=r"missing \['teacher'\]"):
+        run_export_meta({"export_meta": {"method": "beit", "tokenizer": None}}, tag)
+    with pytest.raises(ExportError, match="computes itself"):
+        run_export_meta({"export_meta": {"method": "mae", "tokenizer": None, "teacher": None, "step": 1}}, tag)
+    given = {"method": "milan", "tokenizer": None, "teacher": {"kind": "vit_export"}, "note": "kept"}
+    assert run_export_meta({"export_meta": given}, tag) == given  # verbatim, extra fields included

@@ -15,6 +15,16 @@ def test_stage_packages_import():
     assert mimkit.tokenizers.__file__.startswith(os.path.join(ROOT, "tokenizers"))
 
 
+def test_demo_is_an_application_the_mimkit_command_hands_over_to():
+    import mimkit.demo
+
+    assert mimkit.demo.__file__.startswith(os.path.join(ROOT, "demo"))
+    # `mimkit demo` (make demo) runs `python -m mimkit.demo` in its place: the library never imports the app.
+    out = subprocess.run([sys.executable, "-m", "mimkit.cli", "demo", "--help"], cwd="/", capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.startswith("usage: mimkit demo"), out.stdout + out.stderr
+
+
 def test_hf_tokenizers_not_shadowed_under_pytest():
     # pytest runs from the repository root, where ./tokenizers/ exists: the import must be Hugging Face's.
     assert os.path.isdir(os.path.join(ROOT, "tokenizers"))
@@ -34,6 +44,6 @@ def test_hf_tokenizers_not_shadowed_by_a_stage_script():
 def test_no_script_folder_shadows_the_standard_library():
     # `python bench/x.py` / `python pretrain` put that folder first on sys.path: a file there named
     # after a standard-library module (tokenize.py, ...) would break numpy's and torch's imports.
-    folders = ["bench", "tokenizers", "pretrain", "finetune", "slurm", "scripts"]
+    folders = ["bench", "tokenizers", "pretrain", "finetune", "demo", "slurm", "scripts"]
     names = {p.stem for f in folders for p in __import__("pathlib").Path(ROOT, f).glob("*.py")}
     assert not names & set(sys.stdlib_module_names) - {"__main__"}, names & set(sys.stdlib_module_names)

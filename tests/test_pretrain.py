@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mimkit.data.demo import make_demo_data
-from mimkit.models.tokenizer_export import save_random_tokenizer_export
+from mimkit.checkpoint.tokenizer_export import save_random_tokenizer_export
 from mimkit.pretrain.config import load_pretrain_config
 from mimkit.pretrain.objectives import build_objective
 from mimkit.runlog import read_metrics

@@ -11,7 +11,7 @@ import pytest
 from mimkit_test_distributed import SCRIPTS, run_torchrun  # tests/distributed.py, registered by conftest.py
 from mimkit.data.demo import make_demo_data
 from mimkit.finetune import compare_init
-from mimkit.demo import DEFAULTS, PRESETS
+from mimkit.demo.chain import DEFAULTS, PRESETS
 
 
 @pytest.fixture(scope="module")

@@ -288,7 +288,7 @@ def test_submit_cli_parses_options_and_overrides():
 def pretrain_assets(tmp_path_factory):
     """A random tiny dVAE export and the 32 px demo shards; overrides that keep a run to seconds."""
     from mimkit.data.demo import make_demo_data
-    from mimkit.models.tokenizer_export import save_random_tokenizer_export
+    from mimkit.checkpoint.tokenizer_export import save_random_tokenizer_export
 
     root = tmp_path_factory.mktemp("slurm_pretrain")
     tok = save_random_tokenizer_export(root / "tok", "dvae", input_size=32, seed=3)

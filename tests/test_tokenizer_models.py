@@ -9,7 +9,7 @@ from mimkit.models.codebook import CodebookConfig, VectorQuantizer, kmeans, usag
 from mimkit.models.dvae import DALLE_MEAN, DALLE_STD, DiscreteVAE, DVAEConfig, cosine_ramp
 from mimkit.models.vqgan import VQGAN, VQGANConfig
 from mimkit.models.vqkd import VQKD, VQKDConfig, align_teacher_tokens, cosine_regression_loss
-from mimkit.models.tokenizer_export import (
+from mimkit.checkpoint.tokenizer_export import (
     build_tokenizer_model,
     load_tokenizer,
     save_random_tokenizer_export,

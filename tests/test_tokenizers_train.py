@@ -18,7 +18,7 @@ from PIL import Image
 from mimkit_test_distributed import run_torchrun  # tests/distributed.py, registered by conftest.py
 from mimkit.config import parse_cli
 from mimkit.data.demo import make_demo_data
-from mimkit.models.tokenizer_export import load_tokenizer
+from mimkit.checkpoint.tokenizer_export import load_tokenizer
 from mimkit.runlog import read_metrics
 from mimkit.tokenizers.config import TokenizerTrainConfig
 from mimkit.tokenizers.trainer import CHECK_FILE

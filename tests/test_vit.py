@@ -8,6 +8,7 @@ from mimkit.checkpoint.timm_layout import to_timm_beit_state_dict
 from mimkit.models.pos_embed import (num_relative_distances, relative_position_index, resize_abs_pos_embed,
                                      resize_rel_pos_table, sincos_2d)
 from mimkit.models.vit import ViTConfig, VisionTransformer, preset
+from mimkit.optim import layer_id, param_groups
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 
@@ -210,13 +211,16 @@ def test_rescale_init_shrinks_deeper_residual_projections():
         assert s == pytest.approx(0.02 / math.sqrt(2 * layer_id), rel=0.1)
 
 
-def test_no_weight_decay_names_tokens_and_tables():
+def test_optim_rules_on_the_real_vit_names():
+    # mimkit.optim owns the rules; here they meet the ViT's own parameter names (test_optim uses stand-ins).
     model = VisionTransformer(ViTConfig(**TINY, rel_pos="block", mask_token=True))
-    assert model.no_weight_decay() == {"cls_token", "mask_token", "pos_embed",
-                                       "blocks.0.attn.relative_position_bias_table",
-                                       "blocks.1.attn.relative_position_bias_table"}
-    assert model.layer_id("pos_embed") == 0 and model.layer_id("blocks.1.mlp.fc1.weight") == 2
-    assert model.layer_id("head.weight") == 3
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5, num_layers=model.cfg.depth)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_tables = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"] if p.ndim > 1}
+    assert no_decay_tables == {"cls_token", "mask_token", "pos_embed", "blocks.0.attn.relative_position_bias_table",
+                               "blocks.1.attn.relative_position_bias_table"}
+    assert layer_id("pos_embed", 2) == 0 and layer_id("blocks.1.mlp.fc1.weight", 2) == 2
+    assert layer_id("head.weight", 2) == 3
 
 
 def test_sincos_matches_the_mae_layout():

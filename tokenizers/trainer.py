@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import logging
 import os
 import signal
 import time
@@ -21,13 +23,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mimkit.checkpoint.export_format import shard_list_hash
 from mimkit.checkpoint.store import CheckpointStore
+from mimkit.checkpoint.tokenizer_export import build_tokenizer_model, save_tokenizer_export
 from mimkit.config import save_config, to_dict
-from mimkit.data.stream import build_stream, expand_shards
+from mimkit.data.stream import build_stream
 from mimkit.distributed.engine import Engine
 from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 from mimkit.models.codebook import VectorQuantizer, all_reduce_sum_, usage_stats
-from mimkit.models.tokenizer_export import build_tokenizer_model, save_tokenizer_export
 from mimkit.optim import Schedule, apply_schedule, param_groups
 from mimkit.runlog import MetricsLogger, make_run_dir, progress
 from mimkit.teachers import Teacher, build_teacher
@@ -79,11 +82,6 @@ def build_vqkd_teacher(cfg: TokenizerTrainConfig) -> Teacher:
     if teacher.output_dim != cfg.vqkd.teacher_dim:
         raise ValueError(f"vqkd.teacher_dim={cfg.vqkd.teacher_dim} but the teacher gives {teacher.output_dim}-d tokens")
     return teacher
-
-
-def shard_list_hash(spec: str) -> str:
-    names = sorted(Path(p).name for source in expand_shards(spec) for p in source)
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
 def endless(loader) -> Iterator[dict]:

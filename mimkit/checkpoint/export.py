@@ -2,7 +2,9 @@
 
 Writes ``runs/NAME/export/model.safetensors`` (fp32 encoder weights only, timm names, no ``module.`` /
 ``encoder.`` prefix; no teacher, tokenizer, decoder or optimizer state) and ``export/mimkit.json``
-(architecture, pixel normalisation, method, tokenizer / teacher, step, samples seen, shard-list hash).
+(architecture, pixel normalisation, step, samples seen, shard-list hash, and the checkpoint's client entry
+``export_meta`` copied verbatim: method, tokenizer, teacher). Both are written by
+:mod:`mimkit.checkpoint.export_format`, which owns the format.
 ``--timm`` also writes ``export/timm_model.safetensors`` for ``timm.create_model(**json["timm"])``.
 
 The fp32 master weights are rebuilt from the optimizer partitions of every rank, for each ZeRO stage:
@@ -23,9 +25,6 @@ optimizer files are allowed on top, so a checkpoint that carries code is refused
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import json
 import os
 import pickle
 import re
@@ -35,15 +34,15 @@ from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 
+from mimkit.checkpoint.export_format import (EXPORT_META_FIELDS, EXPORT_META_KEY, encoder_meta, pixel_norm,
+                                             read_export_meta, shard_list_hash, vit_config_from_architecture,
+                                             write_export, write_weights)
 from mimkit.models.vit import ViTConfig, VisionTransformer
 
 COMPLETE = "complete.json"  # written by mimkit.checkpoint.store once every rank has saved
 LATEST = "latest"
 _STEP_TAG = re.compile(r"^step_(\d+)$")
-ENCODER_PREFIXES = ("module.", "encoder.", "backbone.")
-FORMAT_VERSION = 1
 
 
 class ExportError(RuntimeError):
@@ -247,9 +246,7 @@ def vit_config_from_run(cfg: dict) -> ViTConfig:
     model = cfg.get("model") or {}
     if isinstance(model.get("encoder"), dict):
         model = model["encoder"]
-    names = {f.name for f in dataclasses.fields(ViTConfig)}
-    vit = ViTConfig(**{k: v for k, v in model.items() if k in names})
-    return dataclasses.replace(vit, num_classes=0, drop_path=0.0, grad_checkpointing=False)
+    return vit_config_from_architecture(model, num_classes=0, drop_path=0.0, grad_checkpointing=False)
 
 
 def restore_fixed_tables(enc: dict[str, torch.Tensor], vit_cfg: ViTConfig, low_precision: list[str]) -> list[str]:
@@ -265,56 +262,26 @@ def restore_fixed_tables(enc: dict[str, torch.Tensor], vit_cfg: ViTConfig, low_p
     return restored
 
 
-def _find_section(cfg: Any, key: str) -> Any:
-    """First value under ``key`` anywhere in the config tree (the objective sections nest them)."""
-    if isinstance(cfg, dict):
-        if key in cfg and cfg[key] not in (None, "", {}):
-            return cfg[key]
-        for value in cfg.values():
-            found = _find_section(value, key)
-            if found is not None:
-                return found
-    return None
+# What export computes itself: a run's export_meta may not replace these.
+_COMPUTED_FIELDS = ("format", "version", "architecture", "pixel_norm", "step", "samples_seen", "shards", "source",
+                    "timm")
 
 
-def method_of(cfg: dict) -> Optional[str]:
-    for key in ("objective", "method"):
-        value = cfg.get(key)
-        if isinstance(value, str):
-            return value
-        if isinstance(value, dict) and isinstance(value.get("name"), str):
-            return value["name"]
-    return None
-
-
-def _method_section(cfg: dict) -> Any:
-    """The objective's own section (beit / peco / beitv2 share `beit`): other sections hold unused defaults."""
-    method = method_of(cfg)
-    if method is None:
-        return cfg
-    key = "beit" if method in ("beit", "peco", "beitv2") else method
-    return cfg.get(key) or {}
-
-
-def _teacher_of(cfg: dict) -> Any:
-    """The teacher section, only when the objective regresses its features (MAE's section keeps unused defaults)."""
-    section = _method_section(cfg)
-    if isinstance(section, dict) and section.get("target", "clip") != "clip":
-        return None
-    return _find_section(section, "teacher")
-
-
-def shard_list_hash(spec: str) -> dict[str, Any]:
-    """sha256 of the sorted shard names and sizes (the data a run saw), or of the spec when they are gone."""
-    if not spec:
-        return {"sha256": None, "of": "nothing (no data.shards)"}
-    try:
-        from mimkit.data.stream import expand_shards
-        paths = sorted(p for source in expand_shards(spec) for p in source)
-        text = "\n".join(f"{os.path.basename(p)} {os.path.getsize(p)}" for p in paths)
-        return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "of": f"{len(paths)} shard names and sizes"}
-    except (FileNotFoundError, ValueError, ImportError):
-        return {"sha256": hashlib.sha256(spec.encode()).hexdigest(), "of": "the data.shards spec (shards not found)"}
+def run_export_meta(client: dict[str, Any], tag_dir: Path) -> dict[str, Any]:
+    """The checkpoint's ``export_meta`` client entry (method, tokenizer, teacher, ...), checked, to copy
+    into mimkit.json verbatim: export knows no method names, the pretraining run says what it was."""
+    meta = client.get(EXPORT_META_KEY)
+    if not isinstance(meta, dict):
+        raise ExportError(f"{tag_dir}: the checkpoint's client state has no '{EXPORT_META_KEY}' dict (method, "
+                          "tokenizer, teacher): it was not saved by a mimkit pretraining run that records one")
+    missing = [k for k in EXPORT_META_FIELDS if k not in meta]
+    if missing or not isinstance(meta["method"], str):
+        raise ExportError(f"{tag_dir}: '{EXPORT_META_KEY}' needs {list(EXPORT_META_FIELDS)} with a str method; "
+                          f"missing {missing}, method {meta.get('method')!r}")
+    clashing = [k for k in meta if k in _COMPUTED_FIELDS]
+    if clashing:
+        raise ExportError(f"{tag_dir}: '{EXPORT_META_KEY}' sets {clashing}, which export computes itself")
+    return dict(meta)
 
 
 def timm_spec(vit: ViTConfig) -> dict[str, Any]:
@@ -350,12 +317,6 @@ def _load_run_config(run_dir: Path) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_run(run_dir: str | os.PathLike, step: Optional[int] = None, timm: bool = False,
                out_dir: str | os.PathLike | None = None) -> Path:
     """Export the checkpoint of ``step`` (default: latest) of a pretraining run; returns the export folder."""
@@ -378,30 +339,22 @@ def export_run(run_dir: str | os.PathLike, step: Optional[int] = None, timm: boo
     out = Path(out_dir) if out_dir is not None else run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     data = cfg.get("data") or {}
-    meta = {
-        "format": "mimkit-export", "version": FORMAT_VERSION,
-        "architecture": dataclasses.asdict(vit_cfg),
-        "pixel_norm": {"mean": data.get("mean"), "std": data.get("std"),
-                       "image_size": data.get("image_size", vit_cfg.img_size),
-                       "interpolation": data.get("interpolation")},
-        "method": method_of(cfg),
-        "tokenizer": _find_section(_method_section(cfg), "tokenizer"),
-        "teacher": _teacher_of(cfg),
-        "step": int(client.get("step", _STEP_TAG.match(tag_dir.name).group(1) if _STEP_TAG.match(tag_dir.name) else 0)),
-        "samples_seen": client.get("samples", client.get("samples_seen")),
-        "shards": shard_list_hash(str(data.get("shards", ""))),
-        "source": {"checkpoint": str(tag_dir), "zero_stage": notes["zero_stage"], "world_size": notes["world_size"],
-                   "not_fp32_in_checkpoint": [n for n in notes["low_precision"]],
-                   "restored_from_architecture": restored},
-    }
-    _write_atomic(out / "model.safetensors", lambda p: save_file(enc, str(p), metadata={"format": "pt"}))
-    if timm:
+    tag_step = _STEP_TAG.match(tag_dir.name)
+    meta = encoder_meta(
+        vit_cfg, pixel_norm(data.get("mean"), data.get("std"), data.get("image_size", vit_cfg.img_size),
+                            data.get("interpolation")),
+        **run_export_meta(client, tag_dir),
+        step=int(client.get("step", tag_step.group(1) if tag_step else 0)),
+        samples_seen=client.get("samples", client.get("samples_seen")),
+        shards=shard_list_hash(str(data.get("shards", ""))),
+        source={"checkpoint": str(tag_dir), "zero_stage": notes["zero_stage"], "world_size": notes["world_size"],
+                "not_fp32_in_checkpoint": [n for n in notes["low_precision"]],
+                "restored_from_architecture": restored})
+    if timm:  # before write_export: its mimkit.json, written last, names this file
         spec = timm_spec(vit_cfg)
         meta["timm"] = dict(spec, file="timm_model.safetensors")
-        timm_state = {k: v.contiguous() for k, v in to_timm_state(enc, spec).items()}
-        _write_atomic(out / "timm_model.safetensors", lambda p: save_file(timm_state, str(p), metadata={"format": "pt"}))
-    _write_atomic(out / "mimkit.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
-    return out
+        write_weights(out / "timm_model.safetensors", to_timm_state(enc, spec))
+    return write_export(out, enc, meta)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as err:
         print(f"mimkit export: {err}", file=sys.stderr)
         return 1
-    meta = json.loads((out / "mimkit.json").read_text())
+    meta = read_export_meta(out)
     print(f"exported step {meta['step']} of {args.run_dir} -> {out} "
           f"(ZeRO-{meta['source']['zero_stage']}, {meta['source']['world_size']} ranks)")
     return 0

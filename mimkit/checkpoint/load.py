@@ -13,9 +13,6 @@ is refused.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import logging
 import math
 import os
 import pickle
@@ -27,11 +24,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from safetensors.torch import load_file
 
+from mimkit.checkpoint.export_format import WEIGHTS_FILE, read_export_meta, read_pixel_norm, vit_config_from_export
 from mimkit.checkpoint.timm_layout import from_beit_names
 from mimkit.models.pos_embed import resize_abs_pos_embed, resize_rel_pos_table, window_from_table_rows
-from mimkit.models.vit import ViTConfig, VisionTransformer
-
-log = logging.getLogger(__name__)
+from mimkit.models.vit import VisionTransformer
 
 LAYOUTS = ("mimkit", "beit", "beitv2", "mae", "milan", "timm_vit", "timm_beit")
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_state")
@@ -69,7 +65,7 @@ def load_state(path: Union[str, os.PathLike]) -> Any:
     read with weights_only=True. Returns what the file holds (a state dict, or a wrapper dict)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "model.safetensors"
+        path = path / WEIGHTS_FILE
     if path.suffix == ".safetensors":
         return load_file(str(path), device="cpu")
     # Official BEiT / MAE checkpoints keep their argparse Namespace beside the weights: a plain
@@ -307,27 +303,6 @@ def load_checkpoint_into_vit(model: VisionTransformer, path: Union[str, os.PathL
 
 
 # ---- mimkit exports -----------------------------------------------------------------------------
-EXPORT_META = "mimkit.json"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def read_export_meta(export_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
-    path = Path(export_dir) / EXPORT_META
-    if not path.is_file():
-        raise FileNotFoundError(f"{export_dir} is not a mimkit export: no {EXPORT_META}")
-    return json.loads(path.read_text())
-
-
-def vit_config_from_export(meta: Mapping[str, Any], **overrides: Any) -> ViTConfig:
-    """The export's architecture as a ViTConfig, with fields replaced (img_size, num_classes, rel_pos, ...)."""
-    names = {f.name for f in dataclasses.fields(ViTConfig)}
-    arch = {k: v for k, v in (meta.get("architecture") or {}).items() if k in names}
-    unknown = set(overrides) - names
-    if unknown:
-        raise ValueError(f"unknown ViTConfig fields: {sorted(unknown)}")
-    return ViTConfig(**{**arch, **overrides})
-
-
 def load_vit_export(export_dir: Union[str, os.PathLike], verbose: bool = False,
                     **overrides: Any) -> Tuple[VisionTransformer, Dict[str, Any]]:
     """(encoder built from mimkit.json's architecture with `overrides` and loaded, info) where info holds
@@ -335,11 +310,5 @@ def load_vit_export(export_dir: Union[str, os.PathLike], verbose: bool = False,
     meta = read_export_meta(export_dir)
     model = VisionTransformer(vit_config_from_export(meta, **overrides))
     report = load_into_vit(model, load_state(export_dir), layout="mimkit", verbose=verbose)
-    norm = dict(meta.get("pixel_norm") or {})
-    if norm.get("mean") is None or norm.get("std") is None:
-        log.warning("%s records no pixel normalisation: using ImageNet mean / std", export_dir)
-        norm["mean"], norm["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    info = {"mean": list(norm["mean"]), "std": list(norm["std"]),
-            "image_size": norm.get("image_size") or model.cfg.img_size,
-            "interpolation": norm.get("interpolation"), "meta": meta, "report": report}
+    info = {**read_pixel_norm(meta, model.cfg.img_size, where=export_dir), "meta": meta, "report": report}
     return model, info

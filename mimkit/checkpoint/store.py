@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mimkit.checkpoint.export_format import write_atomic
+
 LATEST = "latest"
 COMPLETE = "complete.json"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -53,15 +55,6 @@ def _gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -143,8 +136,8 @@ class CheckpointStore:
         engine.ds.save_checkpoint(str(self.dir), tag=tag, client_state=state, save_latest=False)
         _barrier()  # every rank's partition is on disk
         if _rank() == 0:
-            _write_atomic(self.dir / tag / COMPLETE, json.dumps({"step": step, "world_size": engine.world_size}))
-            _write_atomic(self.dir / LATEST, tag)
+            write_atomic(self.dir / tag / COMPLETE, json.dumps({"step": step, "world_size": engine.world_size}))
+            write_atomic(self.dir / LATEST, tag)
             self._prune(tag)
         _barrier()  # nobody races ahead into a save while rank 0 prunes
         return tag

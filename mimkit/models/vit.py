@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -302,19 +302,6 @@ class VisionTransformer(nn.Module):
             for layer_id, blk in enumerate(self.blocks, start=1):
                 blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
                 blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
-
-    def no_weight_decay(self) -> Set[str]:
-        """Names of tokens and position tables (biases, norms, gammas are the optimizer's rule)."""
-        return {n for n, _ in self.named_parameters()
-                if n in ("cls_token", "mask_token", "pos_embed") or n.endswith("relative_position_bias_table")}
-
-    def layer_id(self, param_name: str) -> int:
-        """Layer index for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest depth + 1."""
-        if param_name.startswith(("cls_token", "mask_token", "pos_embed", "patch_embed", "rel_pos_bias")):
-            return 0
-        if param_name.startswith("blocks."):
-            return int(param_name.split(".")[1]) + 1
-        return len(self.blocks) + 1
 
     def reset_classifier(self, num_classes: int) -> None:
         self.cfg.num_classes = num_classes

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from mimkit.checkpoint.export_format import is_export
 from mimkit.teachers.base import TEACHER_DTYPES, Teacher
 from mimkit.teachers.clip import CLIPTeacher
 from mimkit.teachers.vit_export import ViTExportTeacher
@@ -90,7 +91,7 @@ def build_teacher(cfg: TeacherConfig, key: str = "teacher") -> Teacher:
     cfg.check(key)
     if cfg.kind == "vit_export":
         export = Path(cfg.export).expanduser().resolve()
-        if not (export / "mimkit.json").is_file() or not (export / "model.safetensors").is_file():
+        if not is_export(export):
             raise FileNotFoundError(f"{key}.export={cfg.export}: not a mimkit export (needs model.safetensors "
                                     "and mimkit.json)")
         cfg.export = str(export)

@@ -59,7 +59,8 @@ def main() -> None:
             images = torch.randn(2, 3, 32, 32).to(engine.dtype)
             engine.train_step(engine(images))
         store = CheckpointStore(run / "checkpoints")
-        store.save(engine, step=3, client_state={"samples": 3 * 2 * engine.world_size})
+        store.save(engine, step=3, client_state={"samples": 3 * 2 * engine.world_size,
+                                                "export_meta": {"method": "mae", "tokenizer": None, "teacher": None}})
         live = live_state(engine)
         if engine.rank == 0:
             cfg = {"objective": "mae", "model": dataclasses.asdict(vit_cfg),

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {}
 
     print("=== 1. demo data", flush=True)
+    from mimkit.checkpoint.export_format import is_export
     from mimkit.data.demo import make_demo_data
 
     start = time.time()
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     def stage(key: str, title: str, module: str, name: str, steps: int, *extra: str) -> Path:
         """Run one DeepSpeed stage into OUT/NAME unless its export exists; its folder."""
         run_dir = out / name
-        if not (run_dir / "export" / "mimkit.json").exists():
+        if not is_export(run_dir / "export"):
             times[key] = run_stage(title, launcher(args.nproc, module) + [
                 "--config", str(PRESETS[key]), f"run.root={out}", f"run.name={name}", f"run.steps={steps}",
                 f"run.seed={args.seed}", f"data.shards={data.train_shard_pattern}", *extra], env)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         comparison.unlink()  # an older mimkit's one-seed table: fine-tune again
     if not comparison.exists():
         inits = [f"{name}={folder / 'export'}" for name, folder in (("mae", mae_dir), ("beit", beit_dir), ("milan", milan_dir))
-                 if (folder / "export" / "mimkit.json").exists()]
+                 if is_export(folder / "export")]
         times["finetune"] = run_stage("6. finetune: each export vs scratch, 10% of the labels",
                                       [sys.executable, "-m", "mimkit.finetune.compare_init",
                                        *[f"--init={init}" for init in inits],

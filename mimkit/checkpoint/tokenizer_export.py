@@ -14,16 +14,17 @@ the export alone.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-FORMAT = "mimkit-tokenizer/1"
+from mimkit.checkpoint.export_format import (TOKENIZER_FORMAT, WEIGHTS_FILE, is_export, read_export_meta,
+                                             write_export)
+
 REQUIRED_META = ("input_size", "interpolation", "mean", "std")
 
 
@@ -90,7 +91,7 @@ def save_tokenizer_export(model: nn.Module, out_dir: str | os.PathLike, meta: di
     arch["build_decoder"] = include_decoder
     info = dict(meta)
     info.update({
-        "format": FORMAT,
+        "format": TOKENIZER_FORMAT,
         "kind": model.kind,
         "arch": arch,
         "input_size": [h, w],
@@ -100,15 +101,7 @@ def save_tokenizer_export(model: nn.Module, out_dir: str | os.PathLike, meta: di
         "grid": [h // model.downsample, w // model.downsample],
         "has_decoder": include_decoder,
     })
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": FORMAT, "kind": model.kind})
-    os.replace(tmp, out / "model.safetensors")
-    tmp = out / "mimkit.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    os.replace(tmp, out / "mimkit.json")
-    return out
+    return write_export(out_dir, state, info, weights_metadata={"format": TOKENIZER_FORMAT, "kind": model.kind})
 
 
 class Tokenizer:
@@ -151,12 +144,12 @@ class Tokenizer:
 def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tokenizer:
     """Load an export folder written by :func:`save_tokenizer_export`."""
     path = Path(path)
-    info_path, weights_path = path / "mimkit.json", path / "model.safetensors"
-    if not info_path.is_file() or not weights_path.is_file():
+    if not is_export(path):
         raise FileNotFoundError(f"{path} is not a tokenizer export (needs mimkit.json and model.safetensors)")
-    info = json.loads(info_path.read_text())
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{info_path}: format {info.get('format')!r} is not {FORMAT!r}")
+    info = read_export_meta(path)
+    if info.get("format") != TOKENIZER_FORMAT:
+        raise ValueError(f"{path}: mimkit.json's format {info.get('format')!r} is not {TOKENIZER_FORMAT!r}")
+    weights_path = path / WEIGHTS_FILE
     model = build_tokenizer_model(info["kind"], info["arch"])
     state = load_file(str(weights_path))
     missing, unexpected = model.load_state_dict(state, strict=False)
