@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tok_dir = stage("tokenizer", "2. tokenizer: tiny DALL-E dVAE", "mimkit.tokenizers", "tokenizer", args.tokenizer_steps)
     beit_dir = stage("pretrain", "3. pretrain: BEiT on the dVAE's tokens", "mimkit.pretrain", "beit", args.pretrain_steps,
-                     f"data.seed={args.seed}", f"beit.tokenizer={tok_dir / 'export'}")
+                     f"data.seed={args.seed}", f"method.tokenizer={tok_dir / 'export'}")
     mae_dir = out / "mae"
     if args.mae_steps:
         stage("mae", "4. pretrain: MAE, normalised-pixel targets", "mimkit.pretrain", "mae", args.mae_steps,
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     milan_dir = out / "milan"
     if args.milan_steps:
         stage("milan", "5. pretrain: MILAN, the BEiT encoder as teacher", "mimkit.pretrain", "milan", args.milan_steps,
-              f"data.seed={args.seed}", f"milan.teacher.export={beit_dir / 'export'}")
+              f"data.seed={args.seed}", f"method.teacher.export={beit_dir / 'export'}")
 
     comparison = out / "finetune_comparison.json"
     if comparison.exists() and "top1_runs" not in next(iter(json.loads(comparison.read_text()).values())):
