@@ -87,7 +87,7 @@ class FinetuneConfig:
     precision: str = "auto"  # auto (bf16 where a GPU is, else fp32) | bf16 | fp32
     cpu: bool = False  # force CPU (tests)
     eval_every: int = 1  # epochs
-    debug: FaultConfig = field(default_factory=FaultConfig)  # the loop's fault knobs; ranks are accelerate's process indices
+    debug: FaultConfig = field(default_factory=FaultConfig)  # fault knobs (tests); ranks: process indices
 
 
 MODES = ("finetune", "linprobe")
