@@ -182,11 +182,10 @@ class Progress:
     rng: Optional[dict] = None
 
 
-def resume_progress(cfg: FinetuneConfig, ckpt_root: Path, accelerator: Accelerator, model, optimizer, ema,
+def resume_progress(tag: Optional[Path], accelerator: Accelerator, model, optimizer, ema,
                     steps_per_epoch: int) -> Progress:
-    """Loads the checkpoint `run.resume` names into the prepared model, optimizer and EMA; a fresh Progress
-    when there is none."""
-    tag = find_resume(cfg, ckpt_root)
+    """Loads checkpoint `tag` (:func:`find_resume`'s) into the prepared model, optimizer and EMA; a fresh
+    Progress when there is none."""
     if tag is None:
         return Progress()
     state = load_checkpoint(tag, accelerator.unwrap_model(model), optimizer, ema, accelerator.process_index)
@@ -329,8 +328,9 @@ def make_accelerator(cfg: FinetuneConfig) -> Accelerator:
                        dataloader_config=loader_cfg)
 
 
-def build_step(cfg: FinetuneConfig, accelerator: Accelerator, run_dir: Path, logger: MetricsLogger) -> FinetuneStep:
-    """Classifier, loaders, optimizer and EMA on the accelerator, the checkpoint `run.resume` names loaded."""
+def build_step(cfg: FinetuneConfig, accelerator: Accelerator, run_dir: Path, resume_from: Optional[Path],
+               logger: MetricsLogger) -> FinetuneStep:
+    """Classifier, loaders, optimizer and EMA on the accelerator, checkpoint `resume_from` loaded."""
     model, report, meta = build_classifier(cfg)
     if report is not None and accelerator.is_main_process:
         print(report)
@@ -346,7 +346,7 @@ def build_step(cfg: FinetuneConfig, accelerator: Accelerator, run_dir: Path, log
     # stochastic-rounding generator on the device of the copy it makes here).
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema) if cfg.ema > 0 else None
     ckpt_root = run_dir / "checkpoints"
-    start = resume_progress(cfg, ckpt_root, accelerator, model, optimizer, ema, len(train_loader))
+    start = resume_progress(resume_from, accelerator, model, optimizer, ema, len(train_loader))
     model.train()
     return FinetuneStep(cfg, accelerator, model, optimizer, ema, (train_loader, val_loader), ckpt_root, logger, start)
 
@@ -379,9 +379,10 @@ def _train(cfg: FinetuneConfig, flag: PreemptionFlag) -> dict[str, Any]:
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / REQUEUE_MARKER).unlink(missing_ok=True)  # a stale one from the run this one resumes
+    resume_from = find_resume(cfg, run_dir / "checkpoints")  # a wrong run.resume is refused before any loading
     logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=False)
     try:
-        body = build_step(cfg, accelerator, run_dir, logger)
+        body = build_step(cfg, accelerator, run_dir, resume_from, logger)
         step = run_steps(body, flag, run_dir)
         metrics = body.metrics or evaluate(body.model, body.val_loader, accelerator)  # resumed after the end
         result = dict(metrics, best_top1=max(body.best, metrics["top1"]), steps=step, epochs=body.batches.epoch + 1,
