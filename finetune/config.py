@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from mimkit.distributed.loop import FaultConfig
+
 
 @dataclass
 class RunConfig:
@@ -74,14 +76,6 @@ class OptimConfig:
 
 
 @dataclass
-class DebugConfig:
-    """Fault injection for tests."""
-
-    signal_at_step: int = -1  # send SIGUSR1 to this process after this (global) step, as Slurm's warning does...
-    signal_rank: int = 0  # ...on this process (accelerate's process index)
-
-
-@dataclass
 class FinetuneConfig:
     mode: str = "finetune"  # finetune | linprobe (frozen encoder, BatchNorm without affine + linear)
     run: RunConfig = field(default_factory=RunConfig)
@@ -93,7 +87,7 @@ class FinetuneConfig:
     precision: str = "auto"  # auto (bf16 where a GPU is, else fp32) | bf16 | fp32
     cpu: bool = False  # force CPU (tests)
     eval_every: int = 1  # epochs
-    debug: DebugConfig = field(default_factory=DebugConfig)
+    debug: FaultConfig = field(default_factory=FaultConfig)  # fault knobs (tests); ranks: process indices
 
 
 MODES = ("finetune", "linprobe")

@@ -1,22 +1,29 @@
 """The classification loop on accelerate: `accelerate launch finetune --config ...`, `python finetune ...`,
 or `torchrun --nproc_per_node N finetune ...`.
 
+The setup (accelerator, classifier, loaders, optimizer, criterion, resume) lives here; the loop is the
+shared skeleton, :func:`mimkit.distributed.loop.train_loop`, running :class:`FinetuneStep`. Epochs map onto
+its steps: :class:`EpochBatches` feeds the batches of one epoch after another, and after-step hooks update
+the EMA and, at each epoch end (and the last step), evaluate (``eval_every``) and save (``run.save_every``).
+
 Batches are global and split across processes (``split_batches``), so a run on N processes steps through
 the same batches as on one. lr and weight decay follow a per-step warmup + cosine with each group's
-``lr_scale`` (layer-wise decay). Checkpoints are safetensors (weights) + a tensors-only optimizer file read
-back with ``weights_only=True`` + JSON + each process's RNG state, under ``RUN/checkpoints/epoch_XXXX`` with
-an atomic ``latest``.
+``lr_scale`` (layer-wise decay). The logged ``loss`` is the mean over processes and the steps of the log
+window. Checkpoints are safetensors (weights) + a tensors-only optimizer file read back with
+``weights_only=True`` + JSON + each process's RNG state, under ``RUN/checkpoints/epoch_XXXX`` with an atomic
+``latest`` (:func:`mimkit.checkpoint.store.publish_latest`).
 
 Preemption (Slurm's ``--signal=USR1@120``, submitit's USR2, SIGTERM): a signal only sets a
-:class:`~mimkit.distributed.preempt.PreemptionFlag`; every process asks the flag at every step boundary (a
-collective, so all of them stop after the same step), then all save a mid-epoch checkpoint
+:class:`~mimkit.distributed.preempt.PreemptionFlag`, which the skeleton asks at every step boundary (a
+collective, so all processes stop after the same step); all then save a mid-epoch checkpoint
 ``epoch_XXXX_step_YYYYYYYY`` (the epoch, the batches of it already trained, the RNG states), the main process
-writes ``RUN/requeue``, and :func:`train` raises :class:`Preempted`, which :func:`main` turns into exit code
-``REQUEUE_EXIT_CODE`` (75). The resumed run re-enters that epoch with the same shuffle (seedable sampler, seed
-+ epoch) and skips the batches already trained at the sampler level (nothing is loaded for them). With
-``aug.enabled=false`` (or ``num_workers=0`` and resumes at epoch ends) it repeats the uninterrupted run
-exactly in fp32; with augmentation, a mid-epoch resume trains the same batches in the same order, but their
-random augmentations differ (the loader draws them ahead of the step, and workers reseed per iterator).
+writes ``RUN/requeue``, and :func:`train` raises the skeleton's :class:`~mimkit.distributed.loop.Preempted`
+(a ``SystemExit`` 75), which :func:`main` returns as exit code ``REQUEUE_EXIT_CODE``. The resumed run
+re-enters that epoch with the same shuffle (seedable sampler, seed + epoch) and skips the batches already
+trained at the sampler level (nothing is loaded for them). With ``aug.enabled=false`` (or ``num_workers=0``
+and resumes at epoch ends) it repeats the uninterrupted run exactly in fp32; with augmentation, a mid-epoch
+resume trains the same batches in the same order, but their random augmentations differ (the loader draws
+them ahead of the step, and workers reseed per iterator).
 """
 
 from __future__ import annotations
@@ -24,13 +31,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import shutil
-import signal
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
@@ -39,7 +44,9 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
+from mimkit.checkpoint.store import CheckpointError, publish_latest, resolve_resume, rng_state, set_rng_state
 from mimkit.config import parse_cli, save_config
+from mimkit.distributed.loop import LoopConfig, Preempted, train_loop
 from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 from mimkit.finetune.class_data import build_dataset, build_transform, dataset_targets, label_subset
 from mimkit.finetune.classification import build_classifier
@@ -52,19 +59,21 @@ from mimkit.runlog import MetricsLogger, make_run_dir, progress
 # Written by the main process into the run folder once every process has saved after a preemption signal;
 # slurm/finetune.sh requeues on it (accelerate's launcher turns a process's exit code 75 into its own 1).
 REQUEUE_MARKER = "requeue"
+STATE = "state.json"  # written last by a fine-tuning save: what makes a folder a checkpoint
 
 
-class ResumeError(RuntimeError):
+class ResumeError(CheckpointError):
     """A fine-tuning checkpoint that cannot be resumed from (missing, or holding more than tensors)."""
 
 
-class Preempted(SystemExit):
-    """Raised by :func:`train` on every process after the preemption save. A ``SystemExit`` with code
-    ``REQUEUE_EXIT_CODE``: a caller that does not catch it (``compare_init``) exits 75 too."""
-
-    def __init__(self, tag: Path, step: int, epoch: int, epoch_step: int):
-        super().__init__(REQUEUE_EXIT_CODE)
-        self.tag, self.step, self.epoch, self.epoch_step = tag, step, epoch, epoch_step
+def check_config(cfg: FinetuneConfig) -> None:
+    """Settings the loop would trip over, refused before any work."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    for key, value, least in (("run.log_every", cfg.run.log_every, 1), ("run.save_every", cfg.run.save_every, 0),
+                              ("eval_every", cfg.eval_every, 0), ("optim.epochs", cfg.optim.epochs, 1)):
+        if value < least:
+            raise ValueError(f"{key} must be >= {least}, got {value}")
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -101,28 +110,6 @@ def build_criterion(cfg: FinetuneConfig) -> tuple[Optional[Mixup], torch.nn.Modu
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
-def rng_state() -> dict:
-    """This process's RNG states (python, numpy, torch, CUDA) as tensors and plain containers only, so that
-    they load with ``weights_only=True``."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                                    int(has_gauss), float(gauss)],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, epoch: int, step: int, model, optimizer, ema,
                     best: float, epoch_step: Optional[int] = None, steps_per_epoch: Optional[int] = None) -> Path:
     """Collective: every process calls it. Each process writes its RNG state; the main process the weights
@@ -143,28 +130,23 @@ def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, epoch: int, step:
         state = {"epoch": epoch, "step": step, "best_top1": best, "num_processes": accelerator.num_processes}
         if mid:
             state.update(epoch_step=epoch_step, steps_per_epoch=steps_per_epoch)
-        (tag / "state.json").write_text(json.dumps(state))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp = ckpt_root / "latest.tmp"
-        tmp.write_text(tag.name)
-        os.replace(tmp, ckpt_root / "latest")  # only a complete checkpoint is ever named
-        for old in ckpt_root.glob("epoch_*_step_*"):  # mid-epoch saves are superseded by any later save
-            if old.is_dir() and old != tag:
-                shutil.rmtree(old, ignore_errors=True)
+        (tag / STATE).write_text(json.dumps(state))
+    publish_latest(ckpt_root, tag.name, prune=lambda newest: _drop_mid_epoch_saves(ckpt_root, newest))
     return tag
 
 
+def _drop_mid_epoch_saves(ckpt_root: Path, newest: str) -> None:
+    """Mid-epoch saves are superseded by any later save (and `latest` already names that one)."""
+    for old in ckpt_root.glob("epoch_*_step_*"):
+        if old.is_dir() and old.name != newest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def find_resume(cfg: FinetuneConfig, ckpt_root: Path) -> Optional[Path]:
-    if cfg.run.resume == "none":
-        return None
-    if cfg.run.resume == "auto":
-        pointer = ckpt_root / "latest"
-        return ckpt_root / pointer.read_text().strip() if pointer.is_file() else None
-    path = Path(cfg.run.resume)
-    if not (path / "state.json").is_file():
-        raise ResumeError(f"run.resume={path}: not a fine-tuning checkpoint (no state.json)")
-    return path
+    try:
+        return resolve_resume(cfg.run.resume, ckpt_root, required=STATE)
+    except CheckpointError as err:
+        raise ResumeError(f"run.resume={cfg.run.resume}: {err}") from err
 
 
 def load_optimizer_state(path: Path) -> dict:
@@ -182,13 +164,160 @@ def load_checkpoint(tag: Path, model, optimizer, ema, process_index: int = 0) ->
     optimizer.load_state_dict(load_optimizer_state(tag / "optimizer.pt"))
     if ema is not None and (tag / "ema.safetensors").is_file():
         ema.module.load_state_dict(load_file(str(tag / "ema.safetensors")))
-    state = json.loads((tag / "state.json").read_text())
+    state = json.loads((tag / STATE).read_text())
     rng_file = tag / f"rng_{process_index}.pt"
     state["rng"] = load_optimizer_state(rng_file) if rng_file.is_file() else None
     return state
 
 
+@dataclass
+class Progress:
+    """Where a run stands: steps done, the epoch and the batches of it trained, the best top-1 so far, and
+    the RNG state to put back (a resume) where the uninterrupted run had it."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+    best: float = 0.0
+    rng: Optional[dict] = None
+
+
+def resume_progress(tag: Optional[Path], accelerator: Accelerator, model, optimizer, ema,
+                    steps_per_epoch: int) -> Progress:
+    """Loads checkpoint `tag` (:func:`find_resume`'s) into the prepared model, optimizer and EMA; a fresh
+    Progress when there is none."""
+    if tag is None:
+        return Progress()
+    state = load_checkpoint(tag, accelerator.unwrap_model(model), optimizer, ema, accelerator.process_index)
+    # an epoch-end save counts its epoch as fully trained; a mid-epoch one (preemption) the batches it had done
+    epoch_step = state.get("epoch_step", steps_per_epoch)
+    if "epoch_step" in state and state.get("steps_per_epoch") not in (None, steps_per_epoch):
+        raise ResumeError(f"{tag}: saved with {state['steps_per_epoch']} batches per epoch, this run has "
+                          f"{steps_per_epoch} (data or data.batch_size changed): cannot resume mid-epoch")
+    mid = epoch_step < steps_per_epoch
+    accelerator.print(f"resumed from {tag} (epoch {state['epoch']}, step {state['step']}"
+                      + (f", batch {epoch_step} of {steps_per_epoch} in the epoch)" if mid else ")"))
+    return Progress(state["step"], state["epoch"], epoch_step, state["best_top1"], state["rng"])
+
+
 # ---- the loop ------------------------------------------------------------------------------------
+class EpochBatches:
+    """The training batches of one epoch after another, as the step loop draws them, and the position of the
+    last one drawn (``epoch``, ``epoch_step``: batches of that epoch drawn so far), which a save records.
+
+    Starting from a Progress: a mid-epoch position re-enters that epoch (the same shuffle: seed + epoch) and
+    skips the batches already trained; its RNG state goes back where the uninterrupted run had it."""
+
+    def __init__(self, loader, accelerator: Accelerator, start: Progress):
+        self.loader, self.accelerator = loader, accelerator
+        self.steps_per_epoch = len(loader)
+        self.epoch, self.epoch_step = start.epoch, start.epoch_step
+        self._rng = start.rng
+
+    @property
+    def at_epoch_end(self) -> bool:
+        return self.epoch_step >= self.steps_per_epoch
+
+    def __iter__(self) -> Iterator:
+        while True:
+            if self.at_epoch_end:
+                self.epoch, self.epoch_step = self.epoch + 1, 0
+            yield from self._rest_of_epoch()
+
+    def _rest_of_epoch(self) -> Iterator:
+        self.loader.set_epoch(self.epoch)  # the epoch's shuffle: seed + epoch, the same after a resume
+        skip = self.epoch_step
+        if not skip:
+            self._put_back_rng()  # epoch start: where the uninterrupted run saved it
+        for batch in self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader:
+            # Mid-epoch: after the loader has started (its start may draw from the RNG), before the step:
+            # the uninterrupted run was at the saved state here (loading without augmentation draws nothing).
+            self._put_back_rng()
+            self.epoch_step += 1
+            yield batch
+
+    def _put_back_rng(self) -> None:
+        if self._rng is not None:
+            set_rng_state(self._rng)
+            self._rng = None
+
+
+class FinetuneStep:
+    """The StepBody of fine-tuning, plus its after-step hooks (EMA, epoch end) and the run's best top-1."""
+
+    def __init__(self, cfg: FinetuneConfig, accelerator: Accelerator, model, optimizer, ema, loaders,
+                 ckpt_root: Path, logger: MetricsLogger, start: Progress):
+        self.cfg, self.accelerator, self.model, self.optimizer, self.ema = cfg, accelerator, model, optimizer, ema
+        train_loader, self.val_loader = loaders
+        self.mixup, self.criterion = build_criterion(cfg)
+        self.batches = EpochBatches(train_loader, accelerator, start)
+        steps_per_epoch = self.batches.steps_per_epoch
+        self.total_steps = cfg.optim.epochs * steps_per_epoch
+        if cfg.optim.max_steps > 0:
+            self.total_steps = min(self.total_steps, cfg.optim.max_steps)
+        self.warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
+        self.peak_lr = resolve_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.base_batch_size)
+        self.ckpt_root, self.logger, self.start_step, self.best = ckpt_root, logger, start.step, start.best
+        self.lr, self.metrics, self.saved_step, self.saved_tag = 0.0, {}, -1, None
+
+    def begin_step(self, step: int) -> None:
+        self.lr = cosine_schedule(step, self.peak_lr, self.warmup, self.total_steps, self.cfg.optim.min_lr)
+        apply_schedule(self.optimizer, self.lr, self.cfg.optim.weight_decay)
+
+    def micro_step(self, step: int, batch) -> dict[str, Any]:
+        images, targets = batch
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        with self.accelerator.autocast():
+            loss = self.criterion(self.model(images).float(), targets)
+        loss = self.cfg.debug.poison(loss, step, self.accelerator.process_index)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if self.cfg.optim.clip_grad:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        return {"loss": loss.detach()}
+
+    def save(self, step: int) -> None:
+        """An epoch-end checkpoint at an epoch's end or the last step, else a mid-epoch one (preemption).
+        Once per step: a preemption right after the epoch-end save finds it done."""
+        if step == self.saved_step:
+            return
+        batches = self.batches
+        whole = batches.at_epoch_end or step >= self.total_steps
+        self.saved_tag = save_checkpoint(self.accelerator, self.ckpt_root, batches.epoch, step, self.model,
+                                         self.optimizer, self.ema, self.best,
+                                         epoch_step=None if whole else batches.epoch_step,
+                                         steps_per_epoch=None if whole else batches.steps_per_epoch)
+        self.saved_step = step
+
+    def update_ema(self, step: int) -> None:
+        self.ema.update(self.accelerator.unwrap_model(self.model), step=step - 1)  # step - 1: the one just taken
+
+    def end_epoch(self, step: int) -> None:
+        """After-step hook: at an epoch's end (or the last step), evaluate and save when due."""
+        last = step >= self.total_steps
+        if not (self.batches.at_epoch_end or last):
+            return
+        done = self.batches.epoch + 1  # epochs trained, this one included
+        if last or (self.cfg.eval_every and done % self.cfg.eval_every == 0):
+            self.validate(step)
+        if last or (self.cfg.run.save_every and done % self.cfg.run.save_every == 0):
+            self.save(step)
+
+    def validate(self, step: int) -> dict[str, Any]:
+        metrics = evaluate(self.model, self.val_loader, self.accelerator)
+        if self.ema is not None:
+            ema_metrics = evaluate(self.ema.module, self.val_loader, self.accelerator)
+            metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        self.model.train()  # evaluate left it in eval mode; the next step trains
+        self.best, self.metrics = max(self.best, metrics["top1"]), metrics
+        self.logger.log(step, epoch=self.batches.epoch, **{f"val_{k}": v for k, v in metrics.items()})
+        self.accelerator.print(f"epoch {self.batches.epoch}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
+                               f"({metrics['count']} images)")
+        return metrics
+
+
 def make_accelerator(cfg: FinetuneConfig) -> Accelerator:
     on_gpu = torch.cuda.is_available() and not cfg.cpu
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
@@ -199,11 +328,33 @@ def make_accelerator(cfg: FinetuneConfig) -> Accelerator:
                        dataloader_config=loader_cfg)
 
 
+def build_step(cfg: FinetuneConfig, accelerator: Accelerator, run_dir: Path, resume_from: Optional[Path],
+               logger: MetricsLogger) -> FinetuneStep:
+    """Classifier, loaders, optimizer and EMA on the accelerator, checkpoint `resume_from` loaded."""
+    model, report, meta = build_classifier(cfg)
+    if report is not None and accelerator.is_main_process:
+        print(report)
+    encoder = model.encoder if hasattr(model, "encoder") else model
+    if meta is not None and cfg.data.mean == FinetuneConfig().data.mean and meta.get("pixel_norm", {}).get("mean"):
+        cfg.data.mean, cfg.data.std = meta["pixel_norm"]["mean"], meta["pixel_norm"]["std"]  # the export's
+    train_loader, val_loader = build_loaders(cfg, encoder.cfg.img_size, accelerator.num_processes)
+    layer_decay = cfg.optim.layer_decay if cfg.mode == "finetune" else None
+    groups = param_groups(model, cfg.optim.weight_decay, layer_decay, num_layers=encoder.cfg.depth)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas))
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    # Built from the prepared model, so it lives on the accelerator's device (timm also puts its
+    # stochastic-rounding generator on the device of the copy it makes here).
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema) if cfg.ema > 0 else None
+    ckpt_root = run_dir / "checkpoints"
+    start = resume_progress(resume_from, accelerator, model, optimizer, ema, len(train_loader))
+    model.train()
+    return FinetuneStep(cfg, accelerator, model, optimizer, ema, (train_loader, val_loader), ckpt_root, logger, start)
+
+
 def train(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune (or probe); returns the final metrics, also written to RUN/results.json. After a preemption
     signal: saves a mid-epoch checkpoint on every process and raises :class:`Preempted` (exit code 75)."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    check_config(cfg)
     # First thing: a warning signal during setup (model load, data index) must not kill the process either;
     # it is acted on at the first step boundary.
     flag = PreemptionFlag().install()
@@ -228,143 +379,57 @@ def _train(cfg: FinetuneConfig, flag: PreemptionFlag) -> dict[str, Any]:
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / REQUEUE_MARKER).unlink(missing_ok=True)  # a stale one from the run this one resumes
-    model, report, meta = build_classifier(cfg)
-    if report is not None and accelerator.is_main_process:
-        print(report)
-    encoder = model.encoder if hasattr(model, "encoder") else model
-    img_size = encoder.cfg.img_size
-    if meta is not None and cfg.data.mean == FinetuneConfig().data.mean and meta.get("pixel_norm", {}).get("mean"):
-        cfg.data.mean, cfg.data.std = meta["pixel_norm"]["mean"], meta["pixel_norm"]["std"]  # the export's
-    train_loader, val_loader = build_loaders(cfg, img_size, accelerator.num_processes)
-
-    layer_decay = cfg.optim.layer_decay if cfg.mode == "finetune" else None
-    groups = param_groups(model, cfg.optim.weight_decay, layer_decay, num_layers=encoder.cfg.depth)
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas))
-    ema = ModelEmaV3(model, decay=cfg.ema) if cfg.ema > 0 else None
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    mixup, criterion = build_criterion(cfg)
-
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    if cfg.optim.max_steps > 0:
-        total_steps = min(total_steps, cfg.optim.max_steps)
-    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
-    peak_lr = resolve_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.base_batch_size)
-
-    ckpt_root = run_dir / "checkpoints"
-    start_epoch, step, best = 0, 0, 0.0
-    skip = 0  # batches of start_epoch already trained (a mid-epoch checkpoint)
-    rng = None  # this process's RNG state at the checkpoint, put back where the uninterrupted run was
-    tag = find_resume(cfg, ckpt_root)
-    if tag is not None:
-        state = load_checkpoint(tag, accelerator.unwrap_model(model), optimizer, ema, accelerator.process_index)
-        step, best, rng = state["step"], state["best_top1"], state["rng"]
-        if "epoch_step" in state:  # saved mid-epoch after a preemption signal: finish that epoch first
-            start_epoch, skip = state["epoch"], state["epoch_step"]
-            if state.get("steps_per_epoch") not in (None, steps_per_epoch):
-                raise ResumeError(f"{tag}: saved with {state['steps_per_epoch']} batches per epoch, this run has "
-                                  f"{steps_per_epoch} (data or data.batch_size changed): cannot resume mid-epoch")
-        else:
-            start_epoch = state["epoch"] + 1
-        accelerator.print(f"resumed from {tag} (epoch {state['epoch']}, step {step}"
-                          + (f", batch {skip} of {steps_per_epoch} in the epoch)" if skip else ")"))
-
+    resume_from = find_resume(cfg, run_dir / "checkpoints")  # a wrong run.resume is refused before any loading
     logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=False)
-    metrics: dict[str, Any] = {}
-    epoch = start_epoch
-    bar = progress(total_steps, desc=f"{cfg.mode} {cfg.run.name}", enabled=accelerator.is_main_process,
-                   initial=step)
     try:
-        for epoch in range(start_epoch, cfg.optim.epochs):
-            mid_epoch = epoch == start_epoch and skip > 0
-            if step >= total_steps and not mid_epoch:  # (a save after the last step still owes its epoch end)
-                break
-            train_loader.set_epoch(epoch)  # the epoch's shuffle: seed + epoch, the same after a resume
-            loader = accelerator.skip_first_batches(train_loader, skip) if mid_epoch else train_loader
-            epoch_step = skip if mid_epoch else 0
-            if rng is not None and not mid_epoch:  # epoch start: where the uninterrupted run saved it
-                set_rng_state(rng)
-                rng = None
-            model.train()
-            for images, targets in loader:
-                if rng is not None:
-                    # Mid-epoch: after the loader has started (its start may draw from the RNG), before the
-                    # step: the uninterrupted run was at the saved state here (loading without augmentation
-                    # draws nothing).
-                    set_rng_state(rng)
-                    rng = None
-                if step >= total_steps:
-                    break
-                lr = cosine_schedule(step, peak_lr, warmup, total_steps, cfg.optim.min_lr)
-                apply_schedule(optimizer, lr, cfg.optim.weight_decay)
-                if mixup is not None:
-                    images, targets = mixup(images, targets)
-                with accelerator.autocast():
-                    loss = criterion(model(images).float(), targets)
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                if cfg.optim.clip_grad:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                optimizer.step()
-                if ema is not None:
-                    ema.update(accelerator.unwrap_model(model), step=step)
-                step += 1
-                epoch_step += 1
-                bar.update(1)
-                if step % cfg.run.log_every == 0:
-                    logger.log(step, loss=float(loss.detach()), lr=lr, epoch=epoch,
-                               samples=step * cfg.data.batch_size)
-                if step == cfg.debug.signal_at_step and accelerator.process_index == cfg.debug.signal_rank:
-                    os.kill(os.getpid(), signal.SIGUSR1)  # what Slurm's --signal=USR1@120 does (tests)
-                if flag.should_stop():  # collective: every process, every step; any signalled -> all stop here
-                    _preempt(accelerator, run_dir, ckpt_root, logger, epoch, step, epoch_step, steps_per_epoch,
-                             model, optimizer, ema, best, flag)
-            if rng is not None:  # resumed after the epoch's last batch: nothing was left to train
-                set_rng_state(rng)
-                rng = None
-            last = epoch + 1 == cfg.optim.epochs or step >= total_steps
-            if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                metrics = evaluate(model, val_loader, accelerator)
-                if ema is not None:
-                    metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, accelerator).items()})
-                best = max(best, metrics["top1"])
-                logger.log(step, epoch=epoch, **{f"val_{k}": v for k, v in metrics.items()})
-                accelerator.print(f"epoch {epoch}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
-                                  f"({metrics['count']} images)")
-            if last or (cfg.run.save_every and (epoch + 1) % cfg.run.save_every == 0):
-                save_checkpoint(accelerator, ckpt_root, epoch, step, model, optimizer, ema, best)
-            accelerator.wait_for_everyone()
-        if not metrics:  # resumed after the end: evaluate what was loaded
-            metrics = evaluate(model, val_loader, accelerator)
-        result = dict(metrics, best_top1=max(best, metrics["top1"]), steps=step, epochs=epoch + 1,
+        body = build_step(cfg, accelerator, run_dir, resume_from, logger)
+        step = run_steps(body, flag, run_dir)
+        metrics = body.metrics or evaluate(body.model, body.val_loader, accelerator)  # resumed after the end
+        result = dict(metrics, best_top1=max(body.best, metrics["top1"]), steps=step, epochs=body.batches.epoch + 1,
                       num_processes=accelerator.num_processes, mode=cfg.mode, init=cfg.model.init or "scratch",
-                      train_images=len(train_loader.dataset))
+                      train_images=len(body.batches.loader.dataset))
         if accelerator.is_main_process:
             (run_dir / "results.json").write_text(json.dumps(result, indent=2))
     finally:
-        bar.close()
         logger.close()
     accelerator.wait_for_everyone()
     return result
 
 
-def _preempt(accelerator: Accelerator, run_dir: Path, ckpt_root: Path, logger: MetricsLogger, epoch: int,
-             step: int, epoch_step: int, steps_per_epoch: int, model, optimizer, ema, best: float,
-             flag: PreemptionFlag) -> None:
-    """Every process, after the same step: save mid-epoch, mark the run for requeue, raise Preempted."""
-    tag = save_checkpoint(accelerator, ckpt_root, epoch, step, model, optimizer, ema, best, epoch_step=epoch_step,
-                          steps_per_epoch=steps_per_epoch)
-    logger.log(step, epoch=epoch, epoch_step=epoch_step, event="preempted")
-    if accelerator.is_main_process:  # after save_checkpoint's barrier: every process has saved, latest names it
+def run_steps(body: FinetuneStep, flag: PreemptionFlag, run_dir: Path) -> int:
+    """The skeleton's loop over `body` from where the run stands to its last step; returns the step reached.
+    On preemption: the requeue marker, then :class:`Preempted` goes on up."""
+    cfg, accelerator, batches = body.cfg, body.accelerator, body.batches
+    loop = LoopConfig(steps=body.total_steps, log_every=cfg.run.log_every, samples_per_step=cfg.data.batch_size,
+                      faults=cfg.debug)
+    hooks = ([body.update_ema] if body.ema is not None else []) + [body.end_epoch]
+    bar = progress(body.total_steps, desc=f"{cfg.mode} {cfg.run.name}", enabled=accelerator.is_main_process,
+                   initial=body.start_step)
+    try:
+        return train_loop(body, iter(batches), loop, body.start_step, rank=accelerator.process_index,
+                          device=accelerator.device, flag=flag, log=body.logger.log, hooks=hooks,
+                          on_window=lambda step, metrics: {"lr": body.lr, "epoch": batches.epoch}, bar=bar)
+    except Preempted as stop:
+        mark_requeue(body, flag, run_dir, stop.step)
+        raise
+    finally:
+        bar.close()
+
+
+def mark_requeue(body: FinetuneStep, flag: PreemptionFlag, run_dir: Path, step: int) -> None:
+    """Every process, after the preemption save (whose barrier every process has passed, so `latest` names
+    it): the main process marks the run for requeue; no process exits before the marker is there."""
+    accelerator, batches, tag = body.accelerator, body.batches, body.saved_tag
+    if accelerator.is_main_process:
         tmp = run_dir / (REQUEUE_MARKER + ".tmp")
-        tmp.write_text(json.dumps({"checkpoint": tag.name, "step": step, "epoch": epoch, "epoch_step": epoch_step,
-                                   "signal": flag.signal_name}))
+        tmp.write_text(json.dumps({"checkpoint": tag.name, "step": step, "epoch": batches.epoch,
+                                   "epoch_step": batches.epoch_step, "signal": flag.signal_name}))
         os.replace(tmp, run_dir / REQUEUE_MARKER)
-    accelerator.wait_for_everyone()  # no process exits before the marker is there (a launcher kills the rest)
-    print(f"[finetune] process {accelerator.process_index}: stopped at step {step} (epoch {epoch}, batch "
-          f"{epoch_step} of {steps_per_epoch}; {flag.signal_name if flag.requested else 'another process'} "
-          f"signalled), saved {tag.name}; exit {REQUEUE_EXIT_CODE} to requeue", flush=True)
-    raise Preempted(tag, step, epoch, epoch_step)
+    accelerator.wait_for_everyone()  # a launcher kills the rest once one process has exited
+    print(f"[finetune] process {accelerator.process_index}: stopped at step {step} (epoch {batches.epoch}, batch "
+          f"{batches.epoch_step} of {batches.steps_per_epoch}; "
+          f"{flag.signal_name if flag.requested else 'another process'} signalled), saved {tag.name}; "
+          f"exit {REQUEUE_EXIT_CODE} to requeue", flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -104,3 +104,11 @@ def test_checkpoint_carrying_code_is_refused(tmp_path):
     torch.save({"state": {}, "param_groups": [], "x": _Payload()}, path)
     with pytest.raises(ResumeError, match="refused to unpickle"):
         load_optimizer_state(path)
+
+
+def test_unusable_settings_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"run.log_every must be >= 1, got 0"):
+        train(_cfg(tmp_path, "run.log_every=0"))
+    with pytest.raises(ResumeError, match=r"run.resume=.*nowhere.*no state.json"):
+        train(_cfg(tmp_path, "run.name=r", f"run.resume={tmp_path / 'nowhere'}", "data.root=unused"))
+    assert not (tmp_path / "finetune").exists()  # refused before the run folder was made

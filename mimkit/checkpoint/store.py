@@ -9,6 +9,10 @@ Layout::
 A checkpoint without ``complete.json`` is half-written (a rank died during the save): ``latest`` never
 points at one, and loading one is refused. The client state holds what the run needs to continue the
 same stream: step, samples seen, config, and one entry per rank (its data-stream position, its RNG).
+
+The pieces any checkpoint layout needs alike (the ``latest`` pointer published after every rank has
+written, the ``resume`` search, the RNG state) are plain functions, so fine-tuning's own layout uses the
+same code: :func:`publish_latest`, :func:`latest_tag`, :func:`resolve_resume`, :func:`rng_state`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -82,6 +86,50 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def latest_tag(directory: str | os.PathLike, required: str = COMPLETE) -> str | None:
+    """The tag the ``latest`` pointer in ``directory`` names, or None before the first save. ``required`` is
+    the file only a finished save writes: a pointer to a folder without it is an error naming both."""
+    pointer = Path(directory) / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not (pointer.parent / tag / required).is_file():
+        raise CheckpointError(f"{pointer} names {tag}, which is not a complete checkpoint (no {required})")
+    return tag
+
+
+def resolve_resume(resume: str, directory: str | os.PathLike, required: str = COMPLETE) -> Path | None:
+    """A run's ``resume`` setting -> the checkpoint folder to load: ``"none"`` -> None; ``"auto"`` -> the one
+    ``latest`` in ``directory`` names (None before the first save); a path -> that folder, refused unless
+    it holds ``required``."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        tag = latest_tag(directory, required)
+        return None if tag is None else Path(directory) / tag
+    path = Path(resume)
+    if not (path / required).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {required}): refusing to load it")
+    return path
+
+
+def publish_latest(directory: str | os.PathLike, tag: str, complete: dict[str, Any] | None = None,
+                   prune: Callable[[str], None] | None = None) -> None:
+    """Collective, after each rank has written its part of ``tag``: once all have, rank 0 writes
+    ``complete`` (when given) as the tag's completion marker, points ``latest`` at the tag (tmp file +
+    os.replace, so it never names a half-written save) and then runs ``prune(tag)``; no rank returns
+    before that is done (none races into the next save while rank 0 deletes)."""
+    directory = Path(directory)
+    _barrier()
+    if _rank() == 0:
+        if complete is not None:
+            write_atomic(directory / tag / COMPLETE, json.dumps(complete))
+        write_atomic(directory / LATEST, tag)
+        if prune is not None:
+            prune(tag)
+    _barrier()
+
+
 class CheckpointStore:
     """Save / find / load engine checkpoints in one folder. ``save`` and ``load`` are collective."""
 
@@ -101,26 +149,13 @@ class CheckpointStore:
 
     def latest(self) -> str | None:
         """The tag ``latest`` names, or None when nothing was saved yet."""
-        pointer = self.dir / LATEST
-        if not pointer.is_file():
-            return None
-        tag = pointer.read_text().strip()
-        if not self.is_complete(tag):
-            raise CheckpointError(f"{pointer} names {tag}, which is not a complete checkpoint")
-        return tag
+        return latest_tag(self.dir)
 
     def resolve(self, resume: str) -> tuple[Path, str] | None:
         """``"none"`` -> None; ``"auto"`` -> the latest complete checkpoint (None if none yet); a path to
         a tag folder -> that checkpoint, refused when half-written."""
-        if resume == "none":
-            return None
-        if resume == "auto":
-            tag = self.latest()
-            return None if tag is None else (self.dir, tag)
-        path = Path(resume)
-        if not (path / COMPLETE).is_file():
-            raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE}): refusing to load it")
-        return path.parent, path.name
+        path = resolve_resume(resume, self.dir)
+        return None if path is None else (path.parent, path.name)
 
     # -- saving --------------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict[str, Any], rank_state: Any = None) -> str:
@@ -134,12 +169,7 @@ class CheckpointStore:
         state["ranks"] = _gather({"rng": rng_state(), "user": rank_state})
         self.dir.mkdir(parents=True, exist_ok=True)
         engine.ds.save_checkpoint(str(self.dir), tag=tag, client_state=state, save_latest=False)
-        _barrier()  # every rank's partition is on disk
-        if _rank() == 0:
-            write_atomic(self.dir / tag / COMPLETE, json.dumps({"step": step, "world_size": engine.world_size}))
-            write_atomic(self.dir / LATEST, tag)
-            self._prune(tag)
-        _barrier()  # nobody races ahead into a save while rank 0 prunes
+        publish_latest(self.dir, tag, {"step": step, "world_size": engine.world_size}, self._prune)
         return tag
 
     def _prune(self, newest: str) -> None:
