@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mimkit.data.demo import make_demo_data
-from mimkit.models.vit import VisionTransformer, preset
+from mimkit.models.vit import preset
 from mimkit.optim import resolve_lr
 from mimkit.pretrain.config import PretrainConfig, load_pretrain_config
 from mimkit.pretrain.eva import EvaConfig

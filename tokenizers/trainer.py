@@ -10,9 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import logging
 import os
 import signal
 import time
