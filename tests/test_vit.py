@@ -84,6 +84,8 @@ def test_attention_probs_are_the_weights_the_forward_applies(rel_pos):
         assert probs.shape == (2, 4, L, L) and probs.dtype == torch.float32
         torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, L))
         torch.testing.assert_close(by_hand, expected, atol=1e-5, rtol=1e-4)
+        with torch.no_grad():  # one query row (a teacher's CLS) is that row of the whole matrix
+            torch.testing.assert_close(attn.attention_probs(tokens, shared, index, queries=slice(0, 1)), probs[:, :, :1])
 
 
 def test_mask_token_replaces_only_masked_patches():

@@ -179,13 +179,15 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
     def attention_probs(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                        token_index: Optional[torch.Tensor] = None, with_prefix: bool = True) -> torch.Tensor:
-        """[B, H, L, L] float32: the softmax weights `forward` applies to v (same inputs), for inspection
-        (a teacher's CLS attention). SDPA never returns them, so the logits are formed here in float32."""
+                        token_index: Optional[torch.Tensor] = None, with_prefix: bool = True,
+                        queries: slice = slice(None)) -> torch.Tensor:
+        """[B, H, Q, L] float32: the softmax weights `forward` applies to v (same inputs) for the query rows
+        `queries` (all by default), for inspection: a teacher's CLS attention asks for `slice(0, 1)` and
+        never forms the L x L matrix. SDPA never returns them, so the logits are formed here in float32."""
         q, k, _, bias = self.qkv_and_bias(x, bias, token_index, with_prefix)
-        logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        logits = (q[:, :, queries].float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if bias is not None:
-            logits = logits + bias.float()
+            logits = logits + bias[:, :, queries].float()
         return logits.softmax(dim=-1)
 
 

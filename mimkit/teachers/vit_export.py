@@ -85,7 +85,7 @@ class ViTExportTeacher(FrozenTeacher):
         for blk in enc.blocks[:-1]:
             x = blk(x, shared, None, True)
         last = enc.blocks[-1]
-        probs = last.attn.attention_probs(last.norm1(x), shared)           # [B, H, 1+N, 1+N]
+        probs = last.attn.attention_probs(last.norm1(x), shared, queries=slice(0, 1))  # [B, H, 1, 1+N]: CLS row
         cls_attention = probs[:, :, 0, 1:].mean(1)                         # [B, N]: CLS query, patch keys
         tokens = enc.norm(last(x, shared, None, True))                     # [B, 1+N, D]
         return TeacherOutput(tokens.float(), cls_attention.float())
