@@ -85,7 +85,8 @@ class PretrainStep:
     def save(self, step: int) -> None:
         cfg = self.cfg
         client = {"samples": step * self.global_batch, "objective": cfg.objective, "config": to_dict(cfg),
-                  "export_meta": {"method": cfg.objective, **self.objective.export_meta}}
+                  "export_meta": {"method": cfg.objective, "tokenizer": None, "teacher": None,
+                                  **self.objective.export_meta}}
         self.store.save(self.engine, step, client, rank_state={"stream": self.stream.state_dict()})
         self.saved_step = step
 
