@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from mimkit.data.stream import DataConfig
 from mimkit.distributed.engine import EngineConfig
+from mimkit.distributed.loop import FaultConfig
 from mimkit.models.dvae import DVAEConfig
 from mimkit.models.vqgan import VQGANConfig
 from mimkit.models.vqkd import VQKDConfig
@@ -32,14 +33,6 @@ class RunConfig:
     save_every: int = 0  # engine checkpoints every N steps (0: none)
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest in the run folder, if any) | none | a checkpoint folder
-
-
-@dataclass
-class DebugConfig:
-    """Fault injection for tests."""
-
-    signal_at_step: int = -1  # send SIGUSR1 to this process after this step, as Slurm's warning does...
-    signal_rank: int = 0  # ...on this rank
 
 
 @dataclass
@@ -84,7 +77,7 @@ class TokenizerTrainConfig:
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)  # VQ-KD's target network
     export: ExportConfig = field(default_factory=ExportConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
+    debug: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -1,20 +1,18 @@
-"""Train a visual tokenizer (dVAE, PeCo VQGAN, VQ-KD) on the shard stream with the pretraining engine.
+"""Train a visual tokenizer (dVAE, PeCo VQGAN, VQ-KD) on the shard stream with the pretraining engine,
+run by the shared loop skeleton (`mimkit.distributed.loop`).
 
-    setup: process group (the engine) -> tokenizer (+ discriminator) in the engine; frozen perceptual
-           network / teacher outside it -> stream -> fixed picture batch
-    loop:  batch -> [frozen teacher targets] -> engine forward (the codebook's k-means init, EMA and
-           restarts happen inside) -> [+ perceptual] -> engine.train_step -> logs, usage, pictures, saves
-    end:   usage + histogram, reconstructions, the tokenizer export (rank 0), a check batch of ids
+`train` is the setup: the tokenizer (+ discriminator) in the engine, the frozen perceptual network or
+teacher outside it, the stream, the checkpoint store, a fixed picture batch. `TokenizerStep` is the loop
+body: batch -> [frozen teacher targets] -> engine forward (the codebook's k-means init, EMA and restarts
+happen inside) -> [+ perceptual] -> engine.train_step; after-step hooks report codebook usage and draw
+reconstructions. At the end: the tokenizer export (rank 0) and a check batch of ids.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
-import signal
-import time
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,11 +22,13 @@ from mimkit.checkpoint.export_format import shard_list_hash
 from mimkit.checkpoint.store import CheckpointStore
 from mimkit.checkpoint.tokenizer_export import build_tokenizer_model, save_tokenizer_export
 from mimkit.config import save_config, to_dict
-from mimkit.data.stream import build_stream
+from mimkit.data.stream import StreamLoader, build_stream
 from mimkit.distributed.engine import Engine
-from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
-from mimkit.models.codebook import VectorQuantizer, all_reduce_sum_, usage_stats
-from mimkit.optim import Schedule, apply_schedule, param_groups
+from mimkit.distributed.loop import LoopConfig, endless, train_loop
+from mimkit.distributed.preempt import PreemptionFlag
+from mimkit.models.codebook import VectorQuantizer, usage_stats
+from mimkit.models.vqkd import align_teacher_tokens
+from mimkit.optim import Schedule, param_groups
 from mimkit.runlog import MetricsLogger, make_run_dir, progress
 from mimkit.teachers import Teacher, build_teacher
 from mimkit.tokenizers.config import TokenizerTrainConfig
@@ -81,25 +81,24 @@ def build_vqkd_teacher(cfg: TokenizerTrainConfig) -> Teacher:
     return teacher
 
 
-def endless(loader) -> Iterator[dict]:
-    while True:
-        yield from loader
-
-
 class CodeUsage:
-    """Code counts since the last report, summed over ranks when read."""
+    """Code counts since the last report, summed over ranks when read (on the engine's device, so the
+    all-reduce works on an NCCL-only process group)."""
 
-    def __init__(self, vocab: int):
-        self.counts = torch.zeros(vocab, dtype=torch.float64)
+    def __init__(self, vocab: int, device: torch.device):
+        self.counts = torch.zeros(vocab, dtype=torch.float64, device=device)
 
     def add(self, ids: torch.Tensor) -> None:
-        self.counts += torch.bincount(ids.detach().flatten().cpu(), minlength=self.counts.numel()).double()
+        self.counts += torch.bincount(ids.detach().flatten().to(self.counts.device),
+                                      minlength=self.counts.numel()).double()
 
     def report(self) -> tuple[dict[str, float], torch.Tensor]:
-        """(usage stats, global counts); collective; resets the window."""
-        total = all_reduce_sum_(self.counts.clone())
+        """(usage stats, global counts on the CPU); collective; resets the window."""
+        total = self.counts.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
         self.counts.zero_()
-        return usage_stats(total), total
+        return usage_stats(total.cpu()), total.cpu()
 
 
 def keep_codebooks_fp32(module: nn.Module) -> None:
@@ -109,138 +108,132 @@ def keep_codebooks_fp32(module: nn.Module) -> None:
             m.float()
 
 
-class Preempted(SystemExit):
-    """Raised on every rank after the checkpoint a preemption signal asked for: exit code 75, requeue."""
+class TokenizerStep:
+    """The loop body (`mimkit.distributed.loop.StepBody`) of a tokenizer run."""
 
-    def __init__(self, step: int):
-        super().__init__(REQUEUE_EXIT_CODE)
-        self.step = step
+    def __init__(self, cfg: TokenizerTrainConfig, data_cfg, engine: Engine, stream: StreamLoader,
+                 schedule: Schedule, store: CheckpointStore, teacher: Teacher | None,
+                 perceptual: PerceptualLoss | None, run_dir: Path, fixed: torch.Tensor):
+        self.cfg, self.data_cfg, self.engine, self.stream = cfg, data_cfg, engine, stream
+        self.schedule, self.store, self.teacher, self.perceptual = schedule, store, teacher, perceptual
+        self.run_dir, self.fixed = run_dir, fixed
+        self.global_batch = data_cfg.batch_size * engine.world_size * cfg.engine.grad_accum
+        self.usage = CodeUsage(engine.module.tokenizer.vocab_size, engine.device)
+        self.lr = 0.0
+
+    def begin_step(self, step: int) -> None:
+        self.engine.set_schedule(self.schedule.lr_at(step), self.schedule.weight_decay_at(step))
+
+    def micro_step(self, step: int, raw: dict) -> dict:
+        images = self.engine.to_model(self.stream.device_transform(raw))["image"]
+        target = None
+        if self.teacher is not None:  # VQ-KD regresses the frozen teacher's tokens
+            with torch.no_grad():
+                tokens = self.teacher(images, source_mean=self.data_cfg.mean, source_std=self.data_cfg.std).tokens
+                target = align_teacher_tokens(tokens, self.cfg.vqkd.grid).to(images.dtype)
+        out = self.engine(images, target, step=step)
+        loss = out["loss"]
+        if self.perceptual is not None:  # PeCo: deep-feature distance, the frozen network outside the engine
+            perceptual = self.perceptual(images, out["recon"])
+            loss = loss + self.cfg.perceptual.weight * perceptual
+            out["perceptual_loss"] = perceptual.detach()
+        self.usage.add(out["ids"])
+        result = self.engine.train_step(self.cfg.debug.poison(loss, step, self.engine.rank))
+        self.lr = result.lr
+        metrics = {k: v for k, v in out.items() if k not in ("loss", "recon", "ids") and v.numel() == 1}
+        metrics["loss"] = result.loss
+        if result.boundary:
+            metrics["grad_norm"] = result.grad_norm
+        return metrics
+
+    def save(self, step: int) -> None:
+        self.store.save(self.engine, step, {"samples": step * self.global_batch, "config": to_dict(self.cfg)},
+                        self.stream.state_dict())
+
+    def report_usage(self, step: int, log) -> None:
+        """Collective: codebook usage over the window on every `usage_every` and the last step."""
+        if step % self.cfg.run.usage_every and step != self.cfg.run.steps:
+            return
+        stats, counts = self.usage.report()
+        log(step, samples=step * self.global_batch, **stats)
+        if self.engine.rank == 0 and step == self.cfg.run.steps:
+            from mimkit.pictures import save_codebook_usage
+
+            save_codebook_usage(counts.numpy(), self.run_dir / "pictures" / f"codebook_usage_{step:08d}.png")
+
+    def picture(self, step: int) -> None:
+        """Reconstructions of the fixed batch every `picture_every` and at the last step (collective under ZeRO-3)."""
+        every = self.cfg.run.picture_every
+        if not every or (step % every and step != self.cfg.run.steps):
+            return
+        with full_parameters(self.engine):
+            save_reconstruction_picture(self.engine.module.tokenizer, self.fixed, self.data_cfg,
+                                        self.run_dir / "pictures" / f"recon_{step:08d}.png")
+
+
+def build_trainee(cfg: TokenizerTrainConfig) -> TokenizerTrainee:
+    """What goes into the engine: the tokenizer `kind` names (+ the PatchGAN discriminator)."""
+    tokenizer = build_tokenizer_model(cfg.kind, dataclasses.asdict(cfg.arch))
+    disc = None
+    if cfg.adversarial.enabled:
+        if cfg.kind == "vqkd":
+            raise ValueError("adversarial.enabled: VQ-KD reconstructs features, not pixels")
+        disc = PatchDiscriminator(cfg.adversarial.channels, cfg.adversarial.layers)
+    return TokenizerTrainee(tokenizer, disc, cfg.adversarial.weight, cfg.adversarial.start_step)
 
 
 def train(cfg: TokenizerTrainConfig) -> Path:
     """Train, export, return the run folder. A preemption signal (Slurm's USR1 warning, submitit's USR2,
-    SIGTERM) makes every rank save at the next step boundary and raise :class:`Preempted`."""
-    flag = PreemptionFlag().install()
-    try:
-        return _train(cfg, flag)
-    finally:
-        flag.uninstall()
-
-
-def _train(cfg: TokenizerTrainConfig, flag: PreemptionFlag) -> Path:
+    SIGTERM) makes every rank save at the next step boundary and raise `Preempted` (exit code 75)."""
     torch.manual_seed(cfg.run.seed)
-    kind = cfg.kind
     data_cfg = dataclasses.replace(cfg.data, seed=cfg.run.seed + cfg.data.seed)
-    tokenizer = build_tokenizer_model(kind, dataclasses.asdict(cfg.arch))
-    disc = None
-    if cfg.adversarial.enabled:
-        if kind == "vqkd":
-            raise ValueError("adversarial.enabled: VQ-KD reconstructs features, not pixels")
-        disc = PatchDiscriminator(cfg.adversarial.channels, cfg.adversarial.layers)
-    model = TokenizerTrainee(tokenizer, disc, cfg.adversarial.weight, cfg.adversarial.start_step)
-
-    groups = param_groups(model, cfg.optim.weight_decay)
-    engine = Engine(model, groups, cfg.engine, micro_batch_size=data_cfg.batch_size, betas=cfg.optim.betas,
-                    eps=cfg.optim.eps)
+    model = build_trainee(cfg)
+    engine = Engine(model, param_groups(model, cfg.optim.weight_decay), cfg.engine,
+                    micro_batch_size=data_cfg.batch_size, betas=cfg.optim.betas, eps=cfg.optim.eps)
     keep_codebooks_fp32(engine.module)
-    rank, world = engine.rank, engine.world_size
-    global_batch = data_cfg.batch_size * world * cfg.engine.grad_accum
-    schedule = Schedule.from_config(cfg.optim, cfg.run.steps, global_batch)
-
+    global_batch = data_cfg.batch_size * engine.world_size * cfg.engine.grad_accum
     run_dir = make_run_dir(cfg.run.root, cfg.run.name)
-    if rank == 0:
+    if engine.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
     # frozen networks: outside the engine, no grad, eval
-    perceptual = build_perceptual(cfg).to(engine.device) if kind == "peco" and cfg.perceptual.weight > 0 else None
-    teacher = build_vqkd_teacher(cfg).to(engine.device) if kind == "vqkd" else None
-
-    loader = build_stream(data_cfg, rank=rank, world_size=world)
+    perceptual = build_perceptual(cfg).to(engine.device) if cfg.kind == "peco" and cfg.perceptual.weight > 0 else None
+    teacher = build_vqkd_teacher(cfg).to(engine.device) if cfg.kind == "vqkd" else None
+    stream = build_stream(data_cfg, rank=engine.rank, world_size=engine.world_size)
     store = CheckpointStore(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
-    step, samples = 0, 0
-    resumed = store.load(engine, cfg.run.resume) if cfg.run.resume != "none" else None
+    step = 0
+    resumed = store.load(engine, cfg.run.resume)
     if resumed is not None:
         state, data_state = resumed
-        step, samples = int(state["step"]), int(state["samples"])
-        loader.load_state_dict(data_state)
-    batches = endless(loader)
+        step = int(state["step"])
+        stream.load_state_dict(data_state)
     one_batch = build_stream(dataclasses.replace(data_cfg, num_workers=0), rank=0, world_size=1)
-    fixed = loader.device_transform(next(iter(one_batch)))["image"]
-    fixed = fixed[: cfg.run.picture_count].to(engine.device)
+    fixed = stream.device_transform(next(iter(one_batch)))["image"][: cfg.run.picture_count].to(engine.device)
 
-    usage = CodeUsage(tokenizer.vocab_size)
-    pictures = run_dir / "pictures"
+    body = TokenizerStep(cfg, data_cfg, engine, stream, Schedule.from_config(cfg.optim, cfg.run.steps, global_batch),
+                         store, teacher, perceptual, run_dir, fixed)
+    loop = LoopConfig(steps=cfg.run.steps, grad_accum=cfg.engine.grad_accum, log_every=cfg.run.log_every,
+                      save_every=cfg.run.save_every, samples_per_step=global_batch, faults=cfg.debug)
     logger = MetricsLogger(run_dir)
-    bar = progress(total=cfg.run.steps, desc=f"tokenizers/{kind}", initial=step)
-    tic = time.time()
-    while step < cfg.run.steps:
-        images = engine.to_model(loader.device_transform(next(batches)))["image"]
-        target = None
-        if teacher is not None:
-            with torch.no_grad():
-                from mimkit.models.vqkd import align_teacher_tokens
-
-                tokens = teacher(images, source_mean=data_cfg.mean, source_std=data_cfg.std).tokens
-                target = align_teacher_tokens(tokens, cfg.vqkd.grid).to(images.dtype)
-        lr = schedule.lr_at(step)
-        apply_schedule(engine.ds_optimizer, lr, schedule.weight_decay_at(step))
-        out = engine(images, target, step=step)
-        loss = out["loss"]
-        if perceptual is not None:
-            out["perceptual_loss"] = perceptual(images, out["recon"])
-            loss = loss + cfg.perceptual.weight * out["perceptual_loss"]
-            out["perceptual_loss"] = out["perceptual_loss"].detach()
-        usage.add(out["ids"])
-        result = engine.train_step(loss)
-        if not result.boundary:
-            continue
-        step += 1
-        samples += global_batch
-        bar.update(1)
-        if step % cfg.run.log_every == 0 or step == cfg.run.steps:
-            elapsed, tic = time.time() - tic, time.time()
-            scalars = {k: float(v) for k, v in out.items() if k not in ("loss", "recon", "ids") and v.numel() == 1}
-            logger.log(step, samples=samples, loss=result.loss, lr=lr, grad_norm=result.grad_norm,
-                       skipped=result.skipped, images_per_s=global_batch * cfg.run.log_every / max(elapsed, 1e-9),
-                       **scalars)
-            bar.set_postfix(loss=f"{result.loss:.4f}")
-        if step % cfg.run.usage_every == 0 or step == cfg.run.steps:
-            stats, counts = usage.report()
-            logger.log(step, samples=samples, **stats)
-            if rank == 0 and step == cfg.run.steps:
-                from mimkit.pictures import save_codebook_usage
-
-                save_codebook_usage(counts.numpy(), pictures / f"codebook_usage_{step:08d}.png")
-        if cfg.run.picture_every and (step % cfg.run.picture_every == 0 or step == cfg.run.steps):
-            with full_parameters(engine):
-                save_reconstruction_picture(engine.module.tokenizer, fixed, data_cfg, pictures / f"recon_{step:08d}.png")
-        saved = cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.steps
-        if saved:
-            store.save(engine, step, {"samples": samples, "config": to_dict(cfg)}, loader.state_dict())
-        if step == cfg.debug.signal_at_step and rank == cfg.debug.signal_rank:
-            os.kill(os.getpid(), signal.SIGUSR1)  # what Slurm's --signal=USR1@120 does (tests)
-        if step < cfg.run.steps and flag.should_stop():  # collective: every rank asks at every step
-            if not saved:
-                store.save(engine, step, {"samples": samples, "config": to_dict(cfg)}, loader.state_dict())
-            bar.close()
-            logger.log(step, samples=samples, event="preempted")
-            logger.close()
-            raise Preempted(step)
-    bar.close()
-
-    tok_module = engine.module.tokenizer
-    with full_parameters(engine):
-        if rank == 0:
-            write_export(cfg, tok_module, fixed, run_dir, step, samples, teacher, data_cfg)
-    logger.close()
-    if dist.is_initialized() and world > 1:
+    bar = progress(total=cfg.run.steps, desc=f"tokenizers/{cfg.kind}", initial=step)
+    flag = PreemptionFlag().install()
+    try:
+        step = train_loop(body, endless(stream), loop, step, rank=engine.rank, device=engine.device, flag=flag,
+                          log=logger.log, bar=bar, hooks=[lambda s: body.report_usage(s, logger.log), body.picture],
+                          on_window=lambda s, m: {"lr": body.lr, "skipped_steps": engine.skipped_steps})
+        with full_parameters(engine):
+            if engine.rank == 0:
+                write_export(cfg, engine.module.tokenizer, fixed, run_dir, step, step * global_batch, teacher, data_cfg)
+    finally:
+        bar.close()
+        logger.close()
+        flag.uninstall()
+    if dist.is_initialized() and engine.world_size > 1:
         dist.barrier()  # the export is on disk before any rank returns
     return run_dir
 
 
 def full_parameters(engine: Engine):
     """Under ZeRO-3 every rank gathers the full parameters (collective); a no-op otherwise."""
-    import contextlib
-
     if engine.cfg.zero_stage < 3:
         return contextlib.nullcontext()
     import deepspeed
