@@ -18,6 +18,7 @@ OBJECTIVES: dict[str, str] = {
     "milan": "mimkit.pretrain.milan:MILAN",  # teacher features, guided masking, prompting decoder
     "mae": "mimkit.pretrain.mae:MAE",  # normalised pixels
     "eva": "mimkit.pretrain.eva:EVA",  # teacher features at masked positions
+    "simmim": "mimkit.pretrain.simmim:SIMMIM",  # raw pixels, 32 px mask units, linear head, L1
 }
 
 
