@@ -14,6 +14,7 @@ file is then its defaults and a call (see milan.py). BEiT-style token prediction
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -92,8 +93,8 @@ class TeacherTargets:
     """{"target": [B, 1+N, C], "scores": [B, N]}: a frozen teacher's tokens (CLS first) and its last
     block's CLS attention, the teacher seeing the image in its own normalisation."""
 
-    def __init__(self, teacher: Teacher, pixel_mean, pixel_std):
-        self.teacher = teacher
+    def __init__(self, teacher: Teacher, pixel_mean, pixel_std, config: TeacherConfig | None = None):
+        self.teacher, self.config = teacher, config
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
 
     def to(self, device) -> "TeacherTargets":
@@ -105,7 +106,9 @@ class TeacherTargets:
         return {"target": out.tokens, "scores": out.cls_attention}
 
     def describe(self) -> dict:
-        return {"teacher": self.teacher.meta}
+        """What the teacher is (its meta: library, width, input) and how to build it again (its config)."""
+        config = dataclasses.asdict(self.config) if self.config is not None else {}
+        return {"teacher": {**self.teacher.meta, **config}}
 
 
 class TokenizerTargets:
@@ -299,7 +302,7 @@ def masked_regression(cfg, m: RegressionConfig) -> Objective:
         if tuple(teacher.grid) != grid:
             raise ValueError(f"teacher grid {tuple(teacher.grid)} != student grid {grid}: the targets must align "
                              "patch for patch (pick a teacher with the same patch grid)")
-        targets, out_dim = TeacherTargets(teacher, cfg.data.mean, cfg.data.std), teacher.output_dim
+        targets, out_dim = TeacherTargets(teacher, cfg.data.mean, cfg.data.std, m.teacher), teacher.output_dim
     else:
         targets, out_dim = PixelTargets(patch_size, m.norm_pix), patch_size * patch_size * 3
     masks = build_mask_source(m.mask_source, grid, m.mask_ratio, m.block_min_patches, m.mask_unit)
