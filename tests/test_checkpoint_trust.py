@@ -201,8 +201,8 @@ def resumed(root, base_run, tmp_path_factory):
         hurt(runs / name / "checkpoints" / latest)
         groups.append(pretrain_args(root, name, resume.get(name, "auto")))
     exits = tmp_path_factory.mktemp("exits")
-    argv = [a for i, g in enumerate(groups) for a in ([] if i == 0 else ["--then"]) + g]
-    proc = _helper.run_torchrun(SEQUENCE, argv, cwd=root, timeout=400, MIMKIT_EXIT_DIR=str(exits))
+    (exits / "runs.json").write_text(json.dumps(groups))
+    proc = _helper.run_torchrun(SEQUENCE, [exits / "runs.json"], cwd=root, timeout=400, MIMKIT_EXIT_DIR=str(exits))
     codes = [dict(zip(damage, map(int, (exits / f"codes_{r}").read_text().split()))) for r in (0, 1)]
     return runs, proc.stdout, codes, marker_dir
 

@@ -1,8 +1,9 @@
 """Several pretraining runs on the same 2 processes (start-up is the cost of a launch), each through the
 entry's `main(argv)`; every run's exit code is appended to ``$MIMKIT_EXIT_DIR/codes_<RANK>``.
 
-usage: torchrun ... pretrain_sequence.py ARGS... [--then ARGS...]...
+usage: torchrun ... pretrain_sequence.py RUNS.json   (a list of argument lists, one per run)
 """
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,16 +14,8 @@ from mimkit.pretrain.trainer import main
 
 dist.destroy_process_group = lambda *a, **k: None  # the next run reuses the process group
 
-groups, current = [], []
-for arg in sys.argv[1:]:
-    if arg == "--then":
-        groups.append(current)
-        current = []
-    else:
-        current.append(arg)
-groups.append(current)
 codes = []
-for argv in groups:
+for argv in json.loads(Path(sys.argv[1]).read_text()):
     try:
         codes.append(main(argv))
     except SystemExit as stop:
