@@ -13,7 +13,7 @@ class RunConfig:
     root: str = "runs"
     name: str = "finetune"
     seed: int = 0
-    resume: str = "auto"  # auto (latest in the run folder) | none | path to a checkpoint folder
+    resume: str = "auto"  # auto (latest verified, else the newest that verifies) | strict (latest or stop) | none | path to a checkpoint folder
     log_every: int = 20  # steps
     save_every: int = 1  # epochs; 0: only at the end
 

@@ -44,7 +44,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
-from mimkit.checkpoint.store import CheckpointError, publish_latest, resolve_resume, rng_state, set_rng_state
+from mimkit.checkpoint.store import CheckpointError, choose_checkpoint, publish_latest, rng_state, set_rng_state
 from mimkit.config import parse_cli, save_config
 from mimkit.distributed.loop import LoopConfig, Preempted, train_loop
 from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
@@ -119,7 +119,8 @@ def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, epoch: int, step:
     mid = epoch_step is not None
     tag = ckpt_root / (f"epoch_{epoch:04d}_step_{step:08d}" if mid else f"epoch_{epoch:04d}")
     tag.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), tag / f"rng_{accelerator.process_index}.pt")
+    written = [tag / f"rng_{accelerator.process_index}.pt"]
+    torch.save(rng_state(), written[0])
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tag / "model.safetensors"))
@@ -131,7 +132,11 @@ def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, epoch: int, step:
         if mid:
             state.update(epoch_step=epoch_step, steps_per_epoch=steps_per_epoch)
         (tag / STATE).write_text(json.dumps(state))
-    publish_latest(ckpt_root, tag.name, prune=lambda newest: _drop_mid_epoch_saves(ckpt_root, newest))
+        written += [tag / name for name in ("model.safetensors", "ema.safetensors", "optimizer.pt", STATE)
+                    if ema is not None or name != "ema.safetensors"]
+    # complete.json beside state.json: the size and SHA-256 of every file, which resume verifies
+    publish_latest(ckpt_root, tag.name, {"step": step}, prune=lambda newest: _drop_mid_epoch_saves(ckpt_root, newest),
+                   written=written)
     return tag
 
 
@@ -143,8 +148,10 @@ def _drop_mid_epoch_saves(ckpt_root: Path, newest: str) -> None:
 
 
 def find_resume(cfg: FinetuneConfig, ckpt_root: Path) -> Optional[Path]:
+    """Collective: the checkpoint to resume, verified against its complete.json (fallback as in
+    :func:`mimkit.checkpoint.store.choose_checkpoint`)."""
     try:
-        return resolve_resume(cfg.run.resume, ckpt_root, required=STATE)
+        return choose_checkpoint(cfg.run.resume, ckpt_root, required=STATE)
     except CheckpointError as err:
         raise ResumeError(f"run.resume={cfg.run.resume}: {err}") from err
 

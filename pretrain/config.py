@@ -25,7 +25,7 @@ class RunConfig:
     log_every: int = 10
     save_every: int = 1000  # and always at the end
     keep: int = 2  # checkpoints kept
-    resume: str = "auto"  # auto (latest complete checkpoint, if any) | none | path to a step_* folder
+    resume: str = "auto"  # auto (latest verified checkpoint, else the newest that verifies) | strict (latest or stop) | none | path to a step_* folder
     seed: int = 0
     picture_every: int = 0  # a picture of the current batch every N steps (0: first step only)
     export: bool = True  # write export/ at the end

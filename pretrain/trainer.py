@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from mimkit.checkpoint.export import export_run
-from mimkit.checkpoint.store import CheckpointStore
+from mimkit.checkpoint.store import CheckpointError, CheckpointStore
 from mimkit.config import parse_cli, save_config, to_dict
 from mimkit.data.stream import StreamLoader, build_stream, derive_seed
 from mimkit.distributed.engine import Engine, build_ds_config, environment_summary
@@ -197,7 +197,11 @@ def parse_args(argv: list[str] | None = None, prog: str = "pretrain") -> Pretrai
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = train(parse_args(argv))
+    try:
+        code = train(parse_args(argv))
+    except CheckpointError as err:  # a checkpoint refused on resume: one line, not a traceback per rank
+        print(f"pretrain: {err}", file=sys.stderr, flush=True)
+        return 1
     if dist.is_initialized():
         dist.destroy_process_group()
     return code

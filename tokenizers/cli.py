@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 from mimkit.config import parse_cli
@@ -13,7 +14,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     description="Train a visual tokenizer (dvae, peco, vqkd) and write its export.")
     from mimkit.tokenizers.trainer import train  # heavy imports after the config is valid
 
-    run_dir = train(cfg)
+    from mimkit.checkpoint.store import CheckpointError
+
+    try:
+        run_dir = train(cfg)
+    except CheckpointError as err:  # a checkpoint refused on resume: one line, not a traceback per rank
+        print(f"tokenizers: {err}", file=sys.stderr, flush=True)
+        return 1
     from mimkit.runlog import is_rank0
 
     if is_rank0():

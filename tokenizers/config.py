@@ -32,7 +32,7 @@ class RunConfig:
     picture_count: int = 8  # images of the fixed batch shown
     save_every: int = 0  # engine checkpoints every N steps (0: none)
     keep_checkpoints: int = 2
-    resume: str = "auto"  # auto (latest in the run folder, if any) | none | a checkpoint folder
+    resume: str = "auto"  # auto (latest verified, else the newest that verifies) | strict (latest or stop) | none | a checkpoint folder
 
 
 @dataclass

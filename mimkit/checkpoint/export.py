@@ -18,15 +18,16 @@ Frozen parameters are not in the optimizer: ZeRO-1 does not list them at all, Ze
 engine's dtype (bf16 in bf16 runs). They are taken from the module state, and where they are not fp32 a
 fixed table the architecture computes (sin-cos positions) is restored from a freshly built encoder.
 
-Every file is read with ``torch.load(weights_only=True)``; only DeepSpeed's three plain record types in
-optimizer files are allowed on top, so a checkpoint that carries code is refused.
+Every file is first checked against the sizes and SHA-256 hashes of ``complete.json`` (a damaged
+checkpoint is refused by file name), then read with ``torch.load(weights_only=True)``; only DeepSpeed's
+three plain record types are allowed on top, so a checkpoint that carries code is refused
+(:mod:`mimkit.checkpoint.safe_load`, shared with resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 import sys
 from pathlib import Path
@@ -38,10 +39,10 @@ from omegaconf import OmegaConf
 from mimkit.checkpoint.export_format import (EXPORT_META_FIELDS, EXPORT_META_KEY, encoder_meta, pixel_norm,
                                              read_export_meta, shard_list_hash, vit_config_from_architecture,
                                              write_export, write_weights)
+from mimkit.checkpoint.safe_load import CheckpointError, load_tensors_only
+from mimkit.checkpoint.store import COMPLETE, LATEST, summarize_problems, inspect_checkpoint
 from mimkit.models.vit import ViTConfig, VisionTransformer
 
-COMPLETE = "complete.json"  # written by mimkit.checkpoint.store once every rank has saved
-LATEST = "latest"
 _STEP_TAG = re.compile(r"^step_(\d+)$")
 
 
@@ -50,36 +51,24 @@ class ExportError(RuntimeError):
 
 
 # ---- reading DeepSpeed files safely --------------------------------------------------------------
-def _deepspeed_record_types() -> list:
-    """The plain record classes DeepSpeed pickles into optimizer files (an enum, a namedtuple, and a
-    loss scaler holding two numbers): allowed by name, nothing else."""
-    allowed = []
-    try:
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        allowed.append(ZeroStageEnum)
-    except ImportError:
-        pass
-    try:
-        from deepspeed.utils.tensor_fragment import fragment_address
-        allowed.append(fragment_address)
-    except ImportError:
-        pass
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        allowed.append(LossScaler)
-    except ImportError:
-        pass
-    return allowed
-
-
 def load_checkpoint_file(path: Path) -> dict:
-    """``torch.load(weights_only=True)`` with DeepSpeed's record types allowed; refuse anything else."""
+    """The allow-listed reader resume uses too (:func:`mimkit.checkpoint.safe_load.load_tensors_only`),
+    its refusal as an ExportError."""
     try:
-        with torch.serialization.safe_globals(_deepspeed_record_types()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ExportError(f"{path}: refused to unpickle: it holds objects other than tensors, plain "
-                          f"containers and DeepSpeed's records ({str(err).splitlines()[0]})") from err
+        return load_tensors_only(path)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from err
+
+
+def verify_files(tag_dir: Path) -> None:
+    """Refuse a checkpoint whose files do not match the sizes and hashes of its completion record;
+    warn for one saved before records held hashes."""
+    found = inspect_checkpoint(tag_dir, unpickle=False)  # each file is unpickled (allow-listed) once, below
+    if found["damaged"]:
+        raise ExportError(f"{tag_dir} is damaged: {summarize_problems(found['damaged'])}")
+    if not found["hashed"]:
+        print(f"mimkit export: warning: {tag_dir / COMPLETE} records no file hashes (saved before they were "
+              "recorded): exporting it unverified", file=sys.stderr)
 
 
 # ---- finding a finished checkpoint ---------------------------------------------------------------
@@ -323,6 +312,7 @@ def export_run(run_dir: str | os.PathLike, step: Optional[int] = None, timm: boo
     run_dir = Path(run_dir)
     cfg = _load_run_config(run_dir)
     tag_dir = find_checkpoint(run_dir, step)
+    verify_files(tag_dir)
     state, client, notes = consolidate_fp32(tag_dir)
     enc = encoder_state(state)
     vit_cfg = vit_config_from_run(cfg)

@@ -7,8 +7,15 @@ Layout::
     checkpoints/latest           the tag of the newest complete checkpoint (tmp file + os.replace)
 
 A checkpoint without ``complete.json`` is half-written (a rank died during the save): ``latest`` never
-points at one, and loading one is refused. The client state holds what the run needs to continue the
-same stream: step, samples seen, config, and one entry per rank (its data-stream position, its RNG).
+points at one, and loading one is refused. ``complete.json`` also records the size and SHA-256 of every
+file of the checkpoint (each rank syncs and hashes the files it wrote; rank 0 writes the record after
+all have). The client state holds what the run needs to continue the same stream: step, samples seen,
+config, and one entry per rank (its data-stream position, its RNG).
+
+Resuming trusts no file: :func:`choose_checkpoint` (collective) verifies the recorded sizes and hashes,
+the ranks sharing the files, and falls back from a damaged ``latest`` to the newest checkpoint that
+verifies (``resume=strict``: stops instead); DeepSpeed then reads every file through the allow-listed
+unpickler of :mod:`mimkit.checkpoint.safe_load`, so a file carrying code is refused, never run.
 
 The pieces any checkpoint layout needs alike (the ``latest`` pointer published after every rank has
 written, the ``resume`` search, the RNG state) are plain functions, so fine-tuning's own layout uses the
@@ -17,11 +24,13 @@ same code: :func:`publish_latest`, :func:`latest_tag`, :func:`resolve_resume`, :
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,14 +39,18 @@ import torch
 import torch.distributed as dist
 
 from mimkit.checkpoint.export_format import write_atomic
+from mimkit.checkpoint.safe_load import (CheckpointError, UnsafeCheckpointFile, file_digest, inspect_file,
+                                         load_tensors_only)
 
 LATEST = "latest"
 COMPLETE = "complete.json"
+RESUME_MODES = ("auto", "strict", "none")  # or a checkpoint folder
 _TAG = re.compile(r"^step_(\d{8})$")
+_ZERO_RANK = re.compile(r"zero_pp_rank_(\d+)_")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, half-written, or saved by a different world size."""
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files no longer match the sizes and hashes its completion record holds."""
 
 
 def tag_for(step: int) -> str:
@@ -51,6 +64,24 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank: decisions read from disk once, so all ranks act on the same one."""
+    if _world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _say(message: str) -> None:
+    if _rank() == 0:
+        print(f"[checkpoint] {message}", file=sys.stderr, flush=True)
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -99,12 +130,12 @@ def latest_tag(directory: str | os.PathLike, required: str = COMPLETE) -> str | 
 
 
 def resolve_resume(resume: str, directory: str | os.PathLike, required: str = COMPLETE) -> Path | None:
-    """A run's ``resume`` setting -> the checkpoint folder to load: ``"none"`` -> None; ``"auto"`` -> the one
-    ``latest`` in ``directory`` names (None before the first save); a path -> that folder, refused unless
+    """A run's ``resume`` setting -> the checkpoint folder to load, unverified: ``"none"`` -> None; ``"auto"``
+    or ``"strict"`` -> the one ``latest`` in ``directory`` names (None before the first save); a path -> that folder, refused unless
     it holds ``required``."""
     if resume == "none":
         return None
-    if resume == "auto":
+    if resume in ("auto", "strict"):
         tag = latest_tag(directory, required)
         return None if tag is None else Path(directory) / tag
     path = Path(resume)
@@ -114,20 +145,166 @@ def resolve_resume(resume: str, directory: str | os.PathLike, required: str = CO
 
 
 def publish_latest(directory: str | os.PathLike, tag: str, complete: dict[str, Any] | None = None,
-                   prune: Callable[[str], None] | None = None) -> None:
-    """Collective, after each rank has written its part of ``tag``: once all have, rank 0 writes
-    ``complete`` (when given) as the tag's completion marker, points ``latest`` at the tag (tmp file +
-    os.replace, so it never names a half-written save) and then runs ``prune(tag)``; no rank returns
-    before that is done (none races into the next save while rank 0 deletes)."""
+                   prune: Callable[[str], None] | None = None, written: list[Path] = ()) -> None:
+    """Collective, after each rank has written its part of ``tag``: each rank syncs and hashes the files
+    it ``written``; once all have, rank 0 writes ``complete`` (when given) plus ``files`` (name -> size
+    and SHA-256 of every file of the tag; any file no rank named is hashed by rank 0) as the tag's
+    completion record, points ``latest`` at the tag (tmp file + os.replace, so it never names a
+    half-written save) and then runs ``prune(tag)``; no rank returns before that is done (none races into
+    the next save while rank 0 deletes)."""
     directory = Path(directory)
+    digests = _gather({Path(p).name: file_digest(p, sync=True) for p in written})  # also the barrier
     _barrier()
     if _rank() == 0:
         if complete is not None:
-            write_atomic(directory / tag / COMPLETE, json.dumps(complete))
+            files = {name: d for mine in digests for name, d in mine.items()}
+            for path in sorted((directory / tag).iterdir()):
+                if path.is_file() and path.name not in files and path.name != COMPLETE and path.suffix != ".tmp":
+                    files[path.name] = file_digest(path, sync=True)
+            write_atomic(directory / tag / COMPLETE, json.dumps(dict(complete, files=dict(sorted(files.items())))))
         write_atomic(directory / LATEST, tag)
         if prune is not None:
             prune(tag)
     _barrier()
+
+
+def _record_of(tag_dir: Path) -> dict[str, Any] | None:
+    """The completion record, or None where there is none (a fine-tuning checkpoint from before records)."""
+    path = tag_dir / COMPLETE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return {"unreadable": f"{path}: unreadable ({err})"}
+
+
+def _is_pickle(name: str) -> bool:
+    return name.endswith(".pt")  # DeepSpeed's files, fine-tuning's optimizer and RNG states
+
+
+def inspect_checkpoint(tag_dir: Path, part: tuple[int, int] = (0, 1), unpickle: bool = True) -> dict[str, Any]:
+    """What is wrong with the files of ``tag_dir``: ``damaged`` (not the size or SHA-256 its record holds)
+    and ``code`` (a pickle the allow-listed unpickler refuses; with ``unpickle``), one line per file;
+    ``hashed``: whether the record holds hashes (not in checkpoints saved before they were recorded:
+    then every file of the folder is inspected for code alone). ``part=(i, n)`` inspects every n-th file
+    from the i-th, so n ranks share the reading."""
+    record = _record_of(tag_dir)
+    if record is not None and "unreadable" in record:
+        return {"hashed": True, "damaged": [record["unreadable"]], "code": []}
+    files = (record or {}).get("files")
+    hashed = files is not None
+    if not hashed:
+        files = {p.name: None for p in tag_dir.iterdir() if p.is_file() and p.name != COMPLETE}
+    found: dict[str, Any] = {"hashed": hashed, "damaged": [], "code": []}
+    for name in sorted(files)[part[0]::part[1]]:
+        damage, code = inspect_file(tag_dir / name, files[name], unpickle and _is_pickle(name))
+        found["damaged"] += [damage] if damage else []
+        found["code"] += [code] if code else []
+    return found
+
+
+def verify_checkpoint(tag_dir: Path) -> dict[str, Any]:
+    """Collective :func:`inspect_checkpoint`: each rank reads its share of the files; every rank gets the
+    whole answer."""
+    parts = _gather(inspect_checkpoint(tag_dir, (_rank(), _world())))
+    return {"hashed": all(p["hashed"] for p in parts), "damaged": [d for p in parts for d in p["damaged"]],
+            "code": [c for p in parts for c in p["code"]]}
+
+
+def summarize_problems(problems: list[str]) -> str:
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
+def _resume_candidates(resume: str, directory: Path, required: str) -> list[dict[str, Any]]:
+    """Rank 0: the checkpoints ``resume`` may load, in order of preference, each with a problem already
+    known (not complete) or None. ``auto`` / ``strict``: ``latest``, then the other complete ones,
+    newest first; a path: that one alone."""
+    if resume not in ("auto", "strict"):
+        try:
+            return [{"path": str(resolve_resume(resume, directory, required)), "problem": None}]
+        except CheckpointError as err:
+            return [{"path": resume, "problem": str(err)}]
+    pointer = directory / LATEST
+    if not pointer.is_file():
+        return []
+    named = pointer.read_text().strip()
+    first = {"path": str(directory / named), "problem": None}
+    try:
+        latest_tag(directory, required)
+    except CheckpointError as err:
+        first["problem"] = str(err)
+    others = []
+    for path in directory.iterdir():
+        if path.is_dir() and path.name != named and (path / required).is_file():
+            try:
+                step = int(json.loads((path / required).read_text())["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            others.append((step, path.name))
+    return [first] + [{"path": str(directory / name), "problem": None} for _, name in sorted(others, reverse=True)]
+
+
+def choose_checkpoint(resume: str, directory: str | os.PathLike, required: str = COMPLETE) -> Path | None:
+    """Collective: the checkpoint folder a run with this ``resume`` setting loads, verified against its
+    record and scanned for code, the same on every rank. ``none`` -> None; ``auto`` -> ``latest``, or when
+    its files do not match their record (or it is half-written), the newest checkpoint that verifies,
+    said on rank 0; ``strict`` and a path -> that checkpoint or :class:`DamagedCheckpoint` naming the
+    file. A file carrying code stops the run in every mode (:class:`UnsafeCheckpointFile`): someone
+    wrote it on purpose. A record without hashes (saved before they were recorded) loads with a warning."""
+    if resume == "none":
+        return None
+    directory = Path(directory)
+    candidates = _from_rank0(_resume_candidates(resume, directory, required) if _rank() == 0 else None)
+    refused = []
+    for candidate in candidates:
+        path = Path(candidate["path"])
+        found = ({"hashed": True, "damaged": [candidate["problem"]], "code": []} if candidate["problem"]
+                 else verify_checkpoint(path))
+        if found["code"]:
+            raise UnsafeCheckpointFile(f"run.resume={resume}: {summarize_problems(found['code'])}")
+        if found["damaged"]:
+            if resume != "auto":
+                raise DamagedCheckpoint(f"run.resume={resume}: {summarize_problems(found['damaged'])}")
+            _say(f"refusing {path.name}: {summarize_problems(found['damaged'])}")
+            refused.append(path)
+            continue
+        if not found["hashed"]:
+            _say(f"{path} records no file hashes (saved before they were recorded): loading it unverified")
+        if refused:
+            _say(f"resuming from {path}, the newest checkpoint that verifies (refused: "
+                 f"{', '.join(p.name for p in refused)})")
+        return path
+    if refused:
+        raise DamagedCheckpoint(f"no checkpoint in {directory} verifies (refused: {', '.join(p.name for p in refused)})")
+    return None
+
+
+@contextlib.contextmanager
+def _deepspeed_reads_tensors_only(ds_engine):
+    """DeepSpeed (0.19) reads every checkpoint file through ``engine.checkpoint_engine.load``, which calls
+    ``torch.load(weights_only=False)`` explicitly (so torch's ``safe_globals`` cannot reach it): for the
+    length of one load, that reader is the allow-listed one."""
+    reader = getattr(ds_engine, "checkpoint_engine", None)
+    if reader is None or not callable(getattr(reader, "load", None)):
+        raise CheckpointError(f"DeepSpeed {type(ds_engine).__name__} has no checkpoint_engine.load to read "
+                              "checkpoints through: refusing to let it unpickle them")
+    reader.load = lambda path, map_location=None: load_tensors_only(path, map_location)  # shadows the method
+    try:
+        yield
+    finally:
+        del reader.load
+
+
+def _files_written_by(tag_dir: Path, rank: int) -> list[Path]:
+    """The files of a DeepSpeed tag this rank wrote: its ZeRO partitions (``zero_pp_rank_R_``); rank 0
+    also the unpartitioned ones (``mp_rank_00_model_states.pt``)."""
+    out = []
+    for path in sorted(tag_dir.iterdir()):
+        m = _ZERO_RANK.search(path.name)
+        if path.is_file() and path.name != COMPLETE and (int(m.group(1)) == rank if m else rank == 0):
+            out.append(path)
+    return out
 
 
 class CheckpointStore:
@@ -152,8 +329,9 @@ class CheckpointStore:
         return latest_tag(self.dir)
 
     def resolve(self, resume: str) -> tuple[Path, str] | None:
-        """``"none"`` -> None; ``"auto"`` -> the latest complete checkpoint (None if none yet); a path to
-        a tag folder -> that checkpoint, refused when half-written."""
+        """``"none"`` -> None; ``"auto"`` / ``"strict"`` -> the latest complete checkpoint (None if none
+        yet); a path to a tag folder -> that checkpoint, refused when half-written. Not verified: loading
+        goes through :func:`choose_checkpoint`."""
         path = resolve_resume(resume, self.dir)
         return None if path is None else (path.parent, path.name)
 
@@ -169,7 +347,8 @@ class CheckpointStore:
         state["ranks"] = _gather({"rng": rng_state(), "user": rank_state})
         self.dir.mkdir(parents=True, exist_ok=True)
         engine.ds.save_checkpoint(str(self.dir), tag=tag, client_state=state, save_latest=False)
-        publish_latest(self.dir, tag, {"step": step, "world_size": engine.world_size}, self._prune)
+        publish_latest(self.dir, tag, {"step": step, "world_size": engine.world_size}, self._prune,
+                       written=_files_written_by(self.dir / tag, _rank()))
         return tag
 
     def _prune(self, newest: str) -> None:
@@ -184,13 +363,15 @@ class CheckpointStore:
     # -- loading -------------------------------------------------------------------------------------
     def load(self, engine, resume: str) -> tuple[dict[str, Any], Any] | None:
         """Load into ``engine`` (collective). Returns (client state, this rank's ``rank_state``) or
-        None when there is nothing to resume from. Restores this rank's RNG."""
-        found = self.resolve(resume)
+        None when there is nothing to resume from. Restores this rank's RNG. The checkpoint is
+        :func:`choose_checkpoint`'s (verified, with fallback), read with code execution refused."""
+        found = choose_checkpoint(resume, self.dir)
         if found is None:
             return None
-        load_dir, tag = found
-        path, state = engine.ds.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
+        load_dir, tag = found.parent, found.name
+        with _deepspeed_reads_tensors_only(engine.ds):
+            path, state = engine.ds.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
         if path is None or state is None:
             raise CheckpointError(f"DeepSpeed could not load {load_dir / tag}")
         if state.get("world_size") != engine.world_size:

@@ -1,0 +1,106 @@
+"""Reading checkpoint files without trusting them: the one allow-listed unpickler, and file digests.
+
+- :func:`load_tensors_only`: ``torch.load(weights_only=True)`` with only DeepSpeed's three plain record
+  types allowed on top; a file that would build any other object (a pickled ``__reduce__`` payload) is
+  refused before anything in it runs. Resume (every DeepSpeed stage, through
+  :class:`~mimkit.checkpoint.store.CheckpointStore`) and ``mimkit export`` read through it.
+- :func:`file_digest` / :func:`inspect_file`: the size and SHA-256 a completion record holds for each
+  file, and the one line that names a file that no longer matches its record or carries code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+_CHUNK = 8 << 20  # read size for hashing: large enough that Python overhead is negligible
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, half-written, damaged, carrying code, or saved by a
+    different world size."""
+
+
+class UnsafeCheckpointFile(CheckpointError):
+    """A checkpoint file holding objects other than tensors, plain containers and DeepSpeed's records."""
+
+
+def deepspeed_record_types() -> list:
+    """The plain record classes DeepSpeed pickles into its files (an enum, a namedtuple, and a loss
+    scaler holding two numbers): allowed by name, nothing else."""
+    allowed = []
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        allowed.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+        allowed.append(fragment_address)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        allowed.append(LossScaler)
+    except ImportError:
+        pass
+    return allowed
+
+
+def load_tensors_only(path: str | os.PathLike | BinaryIO, map_location: Any = "cpu",
+                      name: str | os.PathLike | None = None) -> Any:
+    """``torch.load(weights_only=True)`` with DeepSpeed's record types allowed; refuse anything else.
+    ``name``: the file to name in the refusal when ``path`` is an open buffer."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_record_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointFile(f"{name or path}: refused to unpickle: it holds objects other than tensors, plain "
+                                   f"containers and DeepSpeed's records ({str(err).splitlines()[0]})") from err
+
+
+def file_digest(path: str | os.PathLike, sync: bool = False) -> dict[str, Any]:
+    """``{"size", "sha256"}`` of a file. ``sync``: fsync it too (the writer, before the record names it)."""
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return {"size": size, "sha256": sha.hexdigest()}
+
+
+def inspect_file(path: Path, expected: dict[str, Any] | None, unpickle: bool) -> tuple[str | None, str | None]:
+    """(damage, code): one line each, or None. ``damage``: ``path`` lacks the recorded size or SHA-256
+    (``expected``; None: nothing recorded). ``code``: with ``unpickle``, the allow-listed unpickler refuses
+    the file. One read serves both: the size first (a truncated file is not read), then the bytes once
+    in memory for the hash and the unpickling."""
+    if not path.is_file():
+        return f"{path}: missing" + (f" (recorded size {expected['size']})" if expected else ""), None
+    size = path.stat().st_size
+    if expected is not None and size != expected["size"]:
+        return f"{path}: size {size}, recorded {expected['size']} (truncated or overwritten)", None
+    if expected is None and not unpickle:
+        return None, None
+    data = path.read_bytes()
+    if expected is not None:
+        found = hashlib.sha256(data).hexdigest()
+        if found != expected["sha256"]:
+            return (f"{path}: sha256 {found[:16]}..., recorded {expected['sha256'][:16]}... (same size: the bytes "
+                    "changed)"), None
+    if unpickle:
+        try:
+            load_tensors_only(io.BytesIO(data), "cpu", name=path)
+        except UnsafeCheckpointFile as err:
+            return None, str(err)
+        except Exception as err:  # an unreadable pickle is damage, not code
+            return f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", None
+    return None, None
