@@ -47,8 +47,8 @@ import torch
 from PIL import Image
 
 from mimkit.data.masking import MaskSource
-from mimkit.distributed.lifetime import worker_init_dies_with_parent
 from mimkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, SecondView, build_transform
+from mimkit.distributed.lifetime import worker_init_dies_with_parent
 
 log = logging.getLogger(__name__)
 
