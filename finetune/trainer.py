@@ -46,6 +46,7 @@ from timm.utils import ModelEmaV3
 
 from mimkit.checkpoint.store import CheckpointError, choose_checkpoint, publish_latest, rng_state, set_rng_state
 from mimkit.config import parse_cli, save_config
+from mimkit.distributed.lifetime import worker_init_dies_with_parent
 from mimkit.distributed.loop import LoopConfig, Preempted, train_loop
 from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 from mimkit.finetune.class_data import build_dataset, build_transform, dataset_targets, label_subset
@@ -89,9 +90,11 @@ def build_loaders(cfg: FinetuneConfig, img_size: int, num_processes: int):
     generator = torch.Generator().manual_seed(cfg.run.seed)
     train_loader = torch.utils.data.DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
                                                num_workers=cfg.data.num_workers, generator=generator,
-                                               persistent_workers=cfg.data.num_workers > 0)
+                                               persistent_workers=cfg.data.num_workers > 0,
+                                               worker_init_fn=worker_init_dies_with_parent())
     val_loader = torch.utils.data.DataLoader(val, batch_size=cfg.data.eval_batch_size, shuffle=False,
-                                             num_workers=cfg.data.num_workers)
+                                             num_workers=cfg.data.num_workers,
+                                             worker_init_fn=worker_init_dies_with_parent())
     if len(train_loader) == 0:
         raise ValueError(f"{len(train)} training images give no batch of {cfg.data.batch_size}")
     return train_loader, val_loader

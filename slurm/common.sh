@@ -63,8 +63,11 @@ mimkit_srun() {
   # --kill-on-bad-exit=0 (also where a cluster sets KillOnBadExit=1): after a preemption save the
   # ranks exit 75 one after another; with kill-on-bad-exit the first exit makes Slurm SIGTERM the
   # others while Python is shutting down (handlers reset), srun reports 143, and the job would not
-  # requeue. A rank that crashes instead leaves its peers until the engine's collective timeout.
-  local cmd=(srun --kill-on-bad-exit=0 --open-mode=append --output "$LOG_DIR/%j-rank%t.out" "${opts[@]}"
+  # requeue. --wait=30 instead: 30 s after the first task exits, srun kills the tasks still running.
+  # Ranks that saved for preemption (or finished) exit together, well inside 30 s; the peers of a
+  # crashed rank are ended, not left waiting in a collective (NCCL notices a dead peer only at the
+  # engine's collective timeout). A crashed rank's DataLoader workers die with it (PR_SET_PDEATHSIG).
+  local cmd=(srun --kill-on-bad-exit=0 --wait=30 --open-mode=append --output "$LOG_DIR/%j-rank%t.out" "${opts[@]}"
              "$PYTHON" -m mimkit.distributed.env "$@")
   if [ -n "${MIMKIT_DRY_RUN:-}" ]; then
     printf '%q ' "${cmd[@]}"; echo

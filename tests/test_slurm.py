@@ -390,3 +390,60 @@ def test_mimkit_submit_runs_pretrain(request, pretrain_assets, executor, tmp_pat
     assert [r["step"] for r in loss_steps(run_dir)] == [1, 2, 3, 4]
     assert json.loads((run_dir / "environment.json").read_text())["world_size"] == 2
     assert_exported(run_dir, 4)
+
+
+# -- a dead rank: srun ends its peers, nothing of the job outlives it ----------------------------------
+
+DEAD_PEER_STAND_IN = textwrap.dedent("""
+    import os, signal, time
+    from mimkit.distributed.env import init_rank_env
+
+    init_rank_env()
+    if os.fork() == 0:  # a helper process of the rank (what a DataLoader worker is)
+        from mimkit.distributed.lifetime import die_with_parent
+        die_with_parent(os.getppid())
+        while True:
+            time.sleep(1)
+    if os.environ["RANK"] == "1":
+        time.sleep(2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    while True:  # rank 0 never notices, as a rank waiting in an NCCL collective on a dead peer
+        time.sleep(1)
+""")
+
+
+@pytest.mark.timeout(240)
+def test_sbatch_job_ends_within_a_minute_when_a_rank_is_sigkilled(slurm_cluster, tmp_path):
+    """srun --wait (slurm/common.sh) kills the rank that waits on its dead peer; no process of the job
+    (ranks, their helpers) is left once the job has ended."""
+    root = tmp_path / "repo"
+    (root / "pretrain").mkdir(parents=True)
+    (root / "pretrain" / "__main__.py").write_text(DEAD_PEER_STAND_IN)
+    (root / "slurm").symlink_to(ROOT / "slurm")
+    (root / "tiny.yaml").write_text("{}\n")
+    marker = os.urandom(8).hex()
+    env = job_env(MIMKIT_ROOT=str(root), RUN_ROOT=str(tmp_path / "runs"), MIMKIT_TEST_RUN_MARKER=marker)
+    job = sbatch(ROOT / "slurm" / "pretrain.sh", ["tiny.yaml"], tmp_path, env, cwd=root)
+    run_dir = tmp_path / "runs" / f"pretrain-{job}"
+    wait_for(lambda: job_info(job).get("JobState") not in ("PENDING", "CONFIGURING", None), 60, "the job to start")
+    started = time.time()
+    info = wait_for_job(job, 120)
+    assert time.time() - started < 2 + 60, f"the job outlived its killed rank by a minute: {info}"
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", f"{info}\n{show_logs(run_dir)}"
+    needle = f"MIMKIT_TEST_RUN_MARKER={marker}".encode()
+    def survivors():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    found.append(int(pid))
+            except OSError:
+                continue
+        return found
+    deadline = time.time() + 10
+    while survivors() and time.time() < deadline:
+        time.sleep(0.2)
+    left = survivors()
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left, f"processes of job {job} alive after it ended: {left}"

@@ -48,6 +48,7 @@ from PIL import Image
 
 from mimkit.data.masking import MaskSource
 from mimkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, SecondView, build_transform
+from mimkit.distributed.lifetime import worker_init_dies_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +469,9 @@ class StreamLoader:
         if self.cfg.num_workers > 0:
             batches: Any = torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
-                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
+                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
+                # a SIGKILLed rank must not leave workers holding its sockets (and GPU) open
+                worker_init_fn=worker_init_dies_with_parent())
         else:
             batches = dataset
         for batch in batches:

@@ -18,6 +18,7 @@ same run folder, and the stage resumes from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import signal
@@ -27,9 +28,11 @@ import time
 from pathlib import Path
 
 from mimkit.distributed.env import is_srun_task, master_port_from_job_id, rank_env_from_slurm
+from mimkit.distributed.lifetime import die_with_parent
 from mimkit.distributed.preempt import REQUEUE_EXIT_CODE
 
 STAGES = ("pretrain", "tokenizers", "finetune")
+SRUN_WAIT_S = 30  # srun ends the other tasks this long after the first one exits (slurm/common.sh)
 SAVE_TIMEOUT_S = 600  # how long checkpoint() waits for the stage's save (Slurm's signal delay bounds it too)
 
 
@@ -112,7 +115,10 @@ class StageJob:
         env = dict(os.environ, **rank_env_from_submitit(job_env))
         cmd, run_dir = self.command(job_env.job_id)
         print(f"[mimkit submit] {job_env}: {' '.join(cmd)}", flush=True)
-        self._child = subprocess.Popen(cmd, cwd=self.workdir, env=env)
+        # the stage dies with this task: a task SIGKILLed (or ended by submitit's local controller)
+        # must not leave its rank training on, orphaned
+        self._child = subprocess.Popen(cmd, cwd=self.workdir, env=env,
+                                       preexec_fn=functools.partial(die_with_parent, os.getpid()))
         rc = _wait(self._child)
         if rc == REQUEUE_EXIT_CODE:
             print(f"[mimkit submit] {self.stage} saved after a preemption signal: requeue", flush=True)
@@ -173,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                   cpus_per_task=args.cpus_per_task, timeout_min=args.time, name=args.name or args.stage,
                   stderr_to_stdout=True)
     if executor.cluster == "slurm":
-        params.update(slurm_signal_delay_s=args.signal_delay, slurm_additional_parameters={"requeue": True})
+        # srun --wait: see slurm/common.sh (a crashed rank's peers are ended, not left to the collective timeout)
+        params.update(slurm_signal_delay_s=args.signal_delay, slurm_additional_parameters={"requeue": True},
+                      slurm_srun_args=[f"--wait={SRUN_WAIT_S}"])
         if args.partition:
             params["slurm_partition"] = args.partition
     executor.update_parameters(**params)
