@@ -96,7 +96,7 @@ def test_unfinished_checkpoints_are_refused(zero_runs, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
     next((broken / "checkpoints" / "step_00000003").glob("*zero_pp_rank_1_*optim_states.pt")).unlink()
-    with pytest.raises(ExportError, match="incomplete"):
+    with pytest.raises(ExportError, match="incomplete|missing"):  # named by the verification, or by the count
         export_run(broken)
     # a half-written save (no completion marker) and an unknown step
     (tag / "complete.json").unlink()
