@@ -44,6 +44,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
+from mimkit.checkpoint.export_format import write_atomic
 from mimkit.checkpoint.store import CheckpointError, choose_checkpoint, publish_latest, rng_state, set_rng_state
 from mimkit.config import parse_cli, save_config
 from mimkit.distributed.lifetime import worker_init_dies_with_parent
@@ -431,10 +432,9 @@ def mark_requeue(body: FinetuneStep, flag: PreemptionFlag, run_dir: Path, step: 
     it): the main process marks the run for requeue; no process exits before the marker is there."""
     accelerator, batches, tag = body.accelerator, body.batches, body.saved_tag
     if accelerator.is_main_process:
-        tmp = run_dir / (REQUEUE_MARKER + ".tmp")
-        tmp.write_text(json.dumps({"checkpoint": tag.name, "step": step, "epoch": batches.epoch,
-                                   "epoch_step": batches.epoch_step, "signal": flag.signal_name}))
-        os.replace(tmp, run_dir / REQUEUE_MARKER)
+        write_atomic(run_dir / REQUEUE_MARKER, json.dumps({"checkpoint": tag.name, "step": step, "epoch": batches.epoch,
+                                                          "epoch_step": batches.epoch_step,
+                                                          "signal": flag.signal_name}))
     accelerator.wait_for_everyone()  # a launcher kills the rest once one process has exited
     print(f"[finetune] process {accelerator.process_index}: stopped at step {step} (epoch {batches.epoch}, batch "
           f"{batches.epoch_step} of {batches.steps_per_epoch}; "

@@ -26,7 +26,7 @@ from mimkit.data.stream import StreamLoader, build_stream
 from mimkit.distributed.engine import Engine
 from mimkit.distributed.loop import LoopConfig, endless, train_loop
 from mimkit.distributed.preempt import PreemptionFlag
-from mimkit.models.codebook import VectorQuantizer, usage_stats
+from mimkit.models.codebook import VectorQuantizer, all_reduce_sum_, usage_stats
 from mimkit.models.vqkd import align_teacher_tokens
 from mimkit.optim import Schedule, param_groups
 from mimkit.runlog import MetricsLogger, make_run_dir, progress
@@ -94,9 +94,7 @@ class CodeUsage:
 
     def report(self) -> tuple[dict[str, float], torch.Tensor]:
         """(usage stats, global counts on the CPU); collective; resets the window."""
-        total = self.counts.clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
+        total = all_reduce_sum_(self.counts.clone())
         self.counts.zero_()
         return usage_stats(total.cpu()), total.cpu()
 

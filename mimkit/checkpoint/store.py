@@ -85,7 +85,7 @@ def _say(message: str) -> None:
 
 
 def _gather(obj: Any) -> list[Any]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if _world() == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -153,8 +153,8 @@ def publish_latest(directory: str | os.PathLike, tag: str, complete: dict[str, A
     half-written save) and then runs ``prune(tag)``; no rank returns before that is done (none races into
     the next save while rank 0 deletes)."""
     directory = Path(directory)
-    digests = _gather({Path(p).name: file_digest(p, sync=True) for p in written})  # also the barrier
-    _barrier()
+    # A collective: once it returns, every rank has synced and hashed its files (no barrier needed).
+    digests = _gather({Path(p).name: file_digest(p, sync=True) for p in written})
     if _rank() == 0:
         if complete is not None:
             files = {name: d for mine in digests for name, d in mine.items()}
