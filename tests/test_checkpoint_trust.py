@@ -103,6 +103,24 @@ def test_record_holds_every_file_and_a_damaged_latest_falls_back_or_stops(tmp_pa
         choose_checkpoint("auto", root)
 
 
+def test_hashes_checked_while_loading_refuse_a_flipped_tensor_and_load_the_previous_one(tmp_path, capsys):
+    """With a loader, only sizes and the code scan run before it; the hashes are checked while it reads,
+    and a checkpoint that fails them is replaced by loading the next one over it."""
+    root = _fake_checkpoints(tmp_path / "ckpt")
+    bad = root / "step_00000008" / "mp_rank_00_model_states.pt"
+    flip_byte(bad, offset=bad.stat().st_size // 2)  # inside the tensor's bytes: the pickle still reads
+    loaded = []
+    assert choose_checkpoint("auto", root, load=loaded.append) == root / "step_00000004"
+    assert loaded == [root / "step_00000008", root / "step_00000004"]  # latest was read once, then replaced
+    assert re.search(rf"refusing step_00000008: {re.escape(str(bad))}: sha256", capsys.readouterr().err)
+    with pytest.raises(DamagedCheckpoint, match=rf"run.resume=strict: {re.escape(str(bad))}: sha256"):
+        choose_checkpoint("strict", root, load=loaded.append)
+    truncate(bad)  # a size that is wrong is caught before anything is loaded
+    loaded.clear()
+    assert choose_checkpoint("auto", root, load=loaded.append) == root / "step_00000004"
+    assert loaded == [root / "step_00000004"]
+
+
 def test_checkpoint_without_hashes_loads_with_one_warning_and_is_still_scanned(tmp_path, capsys):
     root = _fake_checkpoints(tmp_path / "ckpt", steps=(4,))
     record_path = root / "step_00000004" / COMPLETE
@@ -183,7 +201,8 @@ def resumed(root, base_run, tmp_path_factory):
     marker_dir = tmp_path_factory.mktemp("markers")
     latest = "step_00000008"
     damage = {
-        "flipped": lambda t: flip_byte(next(t.glob("zero_pp_rank_1_*optim_states.pt"))),
+        # in the middle of the moments' bytes: the file still unpickles, only its hash (read beside the load) tells
+        "flipped": lambda t: [flip_byte(f, f.stat().st_size // 2) for f in t.glob("zero_pp_rank_1_*optim_states.pt")],
         "direct": lambda t: None,
         "strict": lambda t: truncate(t / "mp_rank_00_model_states.pt"),
         "legacy": lambda t: [p.write_text(json.dumps({"step": 8, "world_size": 2}))

@@ -12,10 +12,12 @@ file of the checkpoint (each rank syncs and hashes the files it wrote; rank 0 wr
 all have). The client state holds what the run needs to continue the same stream: step, samples seen,
 config, and one entry per rank (its data-stream position, its RNG).
 
-Resuming trusts no file: :func:`choose_checkpoint` (collective) verifies the recorded sizes and hashes,
-the ranks sharing the files, and falls back from a damaged ``latest`` to the newest checkpoint that
-verifies (``resume=strict``: stops instead); DeepSpeed then reads every file through the allow-listed
-unpickler of :mod:`mimkit.checkpoint.safe_load`, so a file carrying code is refused, never run.
+Resuming trusts no file: :func:`choose_checkpoint` (collective) checks the recorded sizes and scans
+every pickle before anything is loaded, checks the recorded hashes while DeepSpeed reads the files (a
+thread per rank on its share: one read of the disk, hashing beside the load), and falls back from a
+damaged ``latest`` to the newest checkpoint that verifies (``resume=strict``: stops instead); DeepSpeed
+reads every file through the allow-listed unpickler of :mod:`mimkit.checkpoint.safe_load`, so a file
+carrying code is refused, never run.
 
 The pieces any checkpoint layout needs alike (the ``latest`` pointer published after every rank has
 written, the ``resume`` search, the RNG state) are plain functions, so fine-tuning's own layout uses the
@@ -31,6 +33,7 @@ import random
 import re
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,8 +42,8 @@ import torch
 import torch.distributed as dist
 
 from mimkit.checkpoint.export_format import write_atomic
-from mimkit.checkpoint.safe_load import (CheckpointError, UnsafeCheckpointFile, file_digest, inspect_file,
-                                         load_tensors_only)
+from mimkit.checkpoint.safe_load import (CheckpointError, UnsafeCheckpointFile, file_digest, hash_mismatch,
+                                         inspect_file, load_tensors_only)
 
 LATEST = "latest"
 COMPLETE = "complete.json"
@@ -183,33 +186,91 @@ def _is_pickle(name: str) -> bool:
     return name.endswith(".pt")  # DeepSpeed's files, fine-tuning's optimizer and RNG states
 
 
-def inspect_checkpoint(tag_dir: Path, part: tuple[int, int] = (0, 1), unpickle: bool = True) -> dict[str, Any]:
-    """What is wrong with the files of ``tag_dir``: ``damaged`` (not the size or SHA-256 its record holds)
-    and ``code`` (a pickle the allow-listed unpickler refuses; with ``unpickle``), one line per file;
-    ``hashed``: whether the record holds hashes (not in checkpoints saved before they were recorded:
-    then every file of the folder is inspected for code alone). ``part=(i, n)`` inspects every n-th file
-    from the i-th, so n ranks share the reading."""
+def _share(files: dict[str, Any], tag_dir: Path, part: tuple[int, int]) -> list[str]:
+    """The names rank ``part[0]`` of ``part[1]`` reads: a ZeRO partition its own rank (the one that loads
+    it: its bytes come from the page cache that load fills), then the other files largest first, each to
+    the rank with the fewest bytes so far (by index, rank 0 of a ViT-B/16 ZeRO-2 pair read 817 MB and
+    rank 1 490 MB). The same answer on every rank: sizes come from the record where it has them."""
+    def size(name: str) -> int:
+        if files[name] is not None:
+            return int(files[name]["size"])
+        return (tag_dir / name).stat().st_size if (tag_dir / name).is_file() else 0
+
+    owner = {name: int(m.group(1)) for name in files if (m := _ZERO_RANK.search(name)) and int(m.group(1)) < part[1]}
+    loads = [0] * part[1]
+    for name, rank in owner.items():
+        loads[rank] += size(name)
+    for name in sorted(set(files) - set(owner), key=lambda n: (-size(n), n)):
+        owner[name] = loads.index(min(loads))
+        loads[owner[name]] += size(name)
+    return sorted(name for name, rank in owner.items() if rank == part[0])
+
+
+def _recorded_files(tag_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(name -> recorded size and SHA-256, or None per file where the record holds no hashes; the line
+    naming an unreadable record)."""
     record = _record_of(tag_dir)
     if record is not None and "unreadable" in record:
-        return {"hashed": True, "damaged": [record["unreadable"]], "code": []}
+        return None, record["unreadable"]
     files = (record or {}).get("files")
-    hashed = files is not None
-    if not hashed:
+    if files is None:
         files = {p.name: None for p in tag_dir.iterdir() if p.is_file() and p.name != COMPLETE}
-    found: dict[str, Any] = {"hashed": hashed, "damaged": [], "code": []}
-    for name in sorted(files)[part[0]::part[1]]:
-        damage, code = inspect_file(tag_dir / name, files[name], unpickle and _is_pickle(name))
+    return files, None
+
+
+def inspect_checkpoint(tag_dir: Path, part: tuple[int, int] = (0, 1), unpickle: bool = True,
+                       hashes: bool = True) -> dict[str, Any]:
+    """What is wrong with the files of ``tag_dir``: ``damaged`` (not the size or SHA-256 its record holds;
+    without ``hashes`` the sizes only) and ``code`` (a pickle the allow-listed unpickler refuses; with
+    ``unpickle``), one line per file; ``hashed``: whether the record holds hashes (not in checkpoints saved
+    before they were recorded: then every file of the folder is inspected for code alone). ``part=(i, n)``:
+    this rank's share of the files (:func:`_share`), so n ranks share the reading."""
+    files, unreadable = _recorded_files(tag_dir)
+    if unreadable:
+        return {"hashed": True, "damaged": [unreadable], "code": []}
+    found: dict[str, Any] = {"hashed": all(rec is not None for rec in files.values()), "damaged": [], "code": []}
+    for name in _share(files, tag_dir, part):
+        damage, code = inspect_file(tag_dir / name, files[name], unpickle and _is_pickle(name), check_hash=hashes)
         found["damaged"] += [damage] if damage else []
         found["code"] += [code] if code else []
     return found
 
 
-def verify_checkpoint(tag_dir: Path) -> dict[str, Any]:
+def verify_checkpoint(tag_dir: Path, hashes: bool = True) -> dict[str, Any]:
     """Collective :func:`inspect_checkpoint`: each rank reads its share of the files; every rank gets the
     whole answer."""
-    parts = _gather(inspect_checkpoint(tag_dir, (_rank(), _world())))
+    return _merge(_gather(inspect_checkpoint(tag_dir, (_rank(), _world()), hashes=hashes)))
+
+
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"hashed": all(p["hashed"] for p in parts), "damaged": [d for p in parts for d in p["damaged"]],
             "code": [c for p in parts for c in p["code"]]}
+
+
+class _HashesWhileLoading:
+    """Checks this rank's share of a checkpoint's recorded SHA-256s in a thread while the caller loads the
+    checkpoint: the disk is read once (the page cache serves whichever reader comes second), and hashing
+    (hashlib drops the GIL) overlaps the load instead of preceding it. :meth:`problems` (collective) joins
+    and returns every rank's mismatches."""
+
+    def __init__(self, tag_dir: Path):
+        files, _ = _recorded_files(tag_dir)
+        names = [n for n in _share(files or {}, tag_dir, (_rank(), _world())) if files[n] is not None]
+        self._found: list[str] = []
+        self._thread = threading.Thread(target=self._check, args=(tag_dir, files, names), daemon=True)
+        self._thread.start()
+
+    def _check(self, tag_dir: Path, files: dict[str, Any], names: list[str]) -> None:
+        for name in names:
+            try:
+                damage = hash_mismatch(tag_dir / name, files[name])
+            except OSError as err:
+                damage = f"{tag_dir / name}: unreadable ({err})"
+            self._found += [damage] if damage else []
+
+    def problems(self) -> list[str]:
+        self._thread.join()
+        return [d for mine in _gather(self._found) for d in mine]
 
 
 def summarize_problems(problems: list[str]) -> str:
@@ -245,13 +306,19 @@ def _resume_candidates(resume: str, directory: Path, required: str) -> list[dict
     return [first] + [{"path": str(directory / name), "problem": None} for _, name in sorted(others, reverse=True)]
 
 
-def choose_checkpoint(resume: str, directory: str | os.PathLike, required: str = COMPLETE) -> Path | None:
+def choose_checkpoint(resume: str, directory: str | os.PathLike, required: str = COMPLETE,
+                      load: Callable[[Path], Any] | None = None) -> Path | None:
     """Collective: the checkpoint folder a run with this ``resume`` setting loads, verified against its
     record and scanned for code, the same on every rank. ``none`` -> None; ``auto`` -> ``latest``, or when
     its files do not match their record (or it is half-written), the newest checkpoint that verifies,
     said on rank 0; ``strict`` and a path -> that checkpoint or :class:`DamagedCheckpoint` naming the
     file. A file carrying code stops the run in every mode (:class:`UnsafeCheckpointFile`): someone
-    wrote it on purpose. A record without hashes (saved before they were recorded) loads with a warning."""
+    wrote it on purpose. A record without hashes (saved before they were recorded) loads with a warning.
+
+    ``load(path)`` (collective; optional) loads a candidate: sizes and the code scan are checked before it
+    runs, the hashes while it reads (one read of the disk, hashing beside the load, not before it); a
+    checkpoint whose hashes then fail is refused like any other, and the next candidate is loaded over it.
+    So a damaged file reaches the caller's state only between two loads, never past this function."""
     if resume == "none":
         return None
     directory = Path(directory)
@@ -260,9 +327,13 @@ def choose_checkpoint(resume: str, directory: str | os.PathLike, required: str =
     for candidate in candidates:
         path = Path(candidate["path"])
         found = ({"hashed": True, "damaged": [candidate["problem"]], "code": []} if candidate["problem"]
-                 else verify_checkpoint(path))
+                 else verify_checkpoint(path, hashes=load is None))
         if found["code"]:
             raise UnsafeCheckpointFile(f"run.resume={resume}: {summarize_problems(found['code'])}")
+        if not found["damaged"] and load is not None:
+            hashing = _HashesWhileLoading(path)
+            load(path)
+            found["damaged"] = hashing.problems()
         if found["damaged"]:
             if resume != "auto":
                 raise DamagedCheckpoint(f"run.resume={resume}: {summarize_problems(found['damaged'])}")
@@ -365,15 +436,20 @@ class CheckpointStore:
         """Load into ``engine`` (collective). Returns (client state, this rank's ``rank_state``) or
         None when there is nothing to resume from. Restores this rank's RNG. The checkpoint is
         :func:`choose_checkpoint`'s (verified, with fallback), read with code execution refused."""
-        found = choose_checkpoint(resume, self.dir)
+        loaded: dict[str, Any] = {}
+
+        def deepspeed_load(found: Path) -> None:
+            with _deepspeed_reads_tensors_only(engine.ds):
+                path, loaded["state"] = engine.ds.load_checkpoint(str(found.parent), tag=found.name,
+                                                                  load_optimizer_states=True,
+                                                                  load_lr_scheduler_states=False)
+            if path is None or loaded["state"] is None:
+                raise CheckpointError(f"DeepSpeed could not load {found}")
+
+        found = choose_checkpoint(resume, self.dir, load=deepspeed_load)
         if found is None:
             return None
-        load_dir, tag = found.parent, found.name
-        with _deepspeed_reads_tensors_only(engine.ds):
-            path, state = engine.ds.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=False)
-        if path is None or state is None:
-            raise CheckpointError(f"DeepSpeed could not load {load_dir / tag}")
+        load_dir, tag, state = found.parent, found.name, loaded["state"]
         if state.get("world_size") != engine.world_size:
             raise CheckpointError(
                 f"{load_dir / tag} was saved by {state.get('world_size')} ranks, this run has "
