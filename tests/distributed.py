@@ -1,7 +1,9 @@
-"""Launch a script on 2 CPU ranks with torchrun from a test: free port, timeout, output kept."""
+"""Launch a script on 2 CPU ranks with torchrun from a test: free port, timeout, output kept; and a
+tampered checkpoint file, as a hostile shared filesystem would hand one over."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -41,3 +43,30 @@ def run_torchrun(script: str | os.PathLike, args: list[str] = (), nproc: int = 2
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {Path(script).name} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
     return proc
+
+
+class _Payload:
+    """Unpickling it runs `touch MARKER`: the code a tampered checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def inject_payload(path: Path, marker: Path) -> None:
+    """Add a payload to a checkpoint file (ours: read it trusting it) and, as a tamperer would, put the
+    new size and hash in the record, so only the unpickler can stop it."""
+    import torch
+
+    from mimkit.checkpoint.safe_load import file_digest
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["evil"] = _Payload(marker)
+    torch.save(state, path)
+    record_path = path.parent / "complete.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if "files" in record:
+        record["files"][path.name] = file_digest(path)
+        record_path.write_text(json.dumps(record))

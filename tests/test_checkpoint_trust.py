@@ -6,7 +6,6 @@ and tokenizer training share the store; fine-tuning's own files are read with we
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -23,20 +22,11 @@ from mimkit.data.demo import make_demo_data
 from mimkit.runlog import read_metrics
 
 import mimkit_test_distributed as _helper  # tests/distributed.py, registered by conftest.py
+from mimkit_test_distributed import inject_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "pretrain" / "beit_tiny_cpu.yaml"
 SEQUENCE = _helper.SCRIPTS / "pretrain_sequence.py"
-
-
-class _Payload:
-    """Unpickling it runs `touch MARKER`: the code a tampered checkpoint would carry."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def flip_byte(path: Path, offset: int = -100) -> None:
@@ -47,19 +37,6 @@ def flip_byte(path: Path, offset: int = -100) -> None:
 
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def inject_payload(path: Path, marker: Path) -> None:
-    """Add a payload to a checkpoint file (ours: read it trusting it) and, as a tamperer would, put the
-    new size and hash in the record, so only the unpickler can stop it."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state["evil"] = _Payload(marker)
-    torch.save(state, path)
-    record_path = path.parent / COMPLETE
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if "files" in record:
-        record["files"][path.name] = file_digest(path)
-        record_path.write_text(json.dumps(record))
 
 
 # ---- the shared store's decision, in one process --------------------------------------------------

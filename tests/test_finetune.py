@@ -4,19 +4,19 @@ resume, refusal of pickled code, and pretrained-vs-scratch on the demo data."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from mimkit_test_distributed import run_torchrun  # tests/distributed.py, registered by conftest.py
+from mimkit_test_distributed import inject_payload, run_torchrun  # tests/distributed.py, registered by conftest.py
 from mimkit.config import load_config
 from mimkit.data.demo import make_demo_data
 from mimkit.finetune.class_data import TarShardImages, label_subset
 from mimkit.finetune.config import FinetuneConfig
 from mimkit.finetune.metrics import topk_correct
-from mimkit.finetune.trainer import ResumeError, load_optimizer_state, train
+from mimkit.checkpoint.safe_load import CheckpointError
+from mimkit.finetune.trainer import ResumeError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "finetune" / "tiny_cpu.yaml"
@@ -94,16 +94,19 @@ def test_linear_probe_trains_only_the_head_and_resumes(demo, tmp_path):
     assert not torch.equal(saved["head.1.weight"], after["head.1.weight"])
 
 
-class _Payload:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-
-def test_checkpoint_carrying_code_is_refused(tmp_path):
-    path = tmp_path / "optimizer.pt"
-    torch.save({"state": {}, "param_groups": [], "x": _Payload()}, path)
-    with pytest.raises(ResumeError, match="refused to unpickle"):
-        load_optimizer_state(path)
+def test_resume_refuses_a_checkpoint_whose_files_carry_code(demo, tmp_path):
+    """Every pickle of a fine-tuning checkpoint (optimizer, each process's RNG) carries a payload whose
+    record matches (a tamperer's work): resuming refuses by name and nothing runs."""
+    args = ["mode=linprobe", "run.name=probe", f"data.root={demo.imagefolder_train.parent}", "optim.epochs=1",
+            "optim.layer_decay=null", "aug.enabled=false", "run.save_every=1"]
+    train(_cfg(tmp_path, *args))
+    pickles = sorted((tmp_path / "probe" / "checkpoints" / "epoch_0000").glob("*.pt"))
+    assert {p.name for p in pickles} >= {"optimizer.pt", "rng_0.pt"}
+    for path in pickles:
+        inject_payload(path, tmp_path / f"ran_{path.stem}")
+    with pytest.raises(CheckpointError, match=r"epoch_0000/\S+\.pt: refused to unpickle"):
+        train(_cfg(tmp_path, *args, "optim.epochs=2"))
+    assert not list(tmp_path.glob("ran_*"))
 
 
 def test_unusable_settings_are_refused_before_any_work(tmp_path):

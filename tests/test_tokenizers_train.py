@@ -8,6 +8,8 @@ dVAE, PeCo and VQ-KD with dead-code restarts on, and PeCo and VQ-KD with them of
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mimkit_test_distributed import run_torchrun  # tests/distributed.py, registered by conftest.py
+from mimkit_test_distributed import inject_payload, run_torchrun  # tests/distributed.py, registered by conftest.py
 from mimkit.config import parse_cli
 from mimkit.data.demo import make_demo_data
 from mimkit.checkpoint.tokenizer_export import load_tokenizer
@@ -167,3 +169,24 @@ def test_preempted_run_saves_requeues_and_resumes_to_the_same_losses(runs):
     after = [s for s in reference if s > PREEMPT_AT]
     assert after and all(logged[s] == pytest.approx(reference[s], rel=1e-5) for s in after)
     assert (runs[PREEMPTED[0]] / "export" / "mimkit.json").exists()
+
+
+def test_resume_refuses_a_checkpoint_whose_files_carry_code(runs, demo, tmp_path):
+    """Every file of the preempted dVAE run's checkpoint (model states, both ranks' optimizer partitions)
+    carries a payload with a matching record: the 2-rank resume stops with one line naming a file and
+    no payload runs."""
+    run = tmp_path / "dvae"
+    shutil.copytree(runs[PREEMPTED[0]], run)
+    tag = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    pickles = sorted(tag.glob("*.pt"))
+    assert len(pickles) == 3
+    for path in pickles:
+        inject_payload(path, tmp_path / f"ran_{path.stem}")
+    argv = ["--config", str(CONFIGS / RUNS["dvae"][0]), f"data.shards={demo.train_shard_pattern}",
+            f"run.root={tmp_path}", "run.name=dvae", "run.resume=auto", "run.steps=220"]
+    driver = tmp_path / "resume.py"
+    driver.write_text("import sys\nfrom mimkit.tokenizers.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    proc = run_torchrun(driver, argv, cwd=ROOT, timeout=300, check=False)
+    assert proc.returncode != 0
+    assert re.search(rf"run.resume=auto: {re.escape(str(tag))}/\S+\.pt: refused to unpickle", proc.stdout), proc.stdout[-3000:]
+    assert not list(tmp_path.glob("ran_*"))
