@@ -1,0 +1,423 @@
+"""Where shards are and how a shard's samples are read: the one reader of tar shards in mimkit.
+
+A shard spec is a brace pattern over any of
+
+* local files (`.tar`, `.tar.gz`, `.tgz`), folders (their shards), globs;
+* `pipe:COMMAND`: the command's stdout is the tar stream (`pipe:aws s3 cp s3://b/t-{000..099}.tar -`);
+  a command that exits non-zero is reported with its stderr and counted like a bad shard;
+* fsspec URLs (`s3://`, `gs://`, `https://`, ...), read through fsspec with the protocol's package
+  (`pip install mimkit[s3]`, `mimkit[gcs]`, `mimkit[http]`).
+
+Several sources are joined by "::". Local uncompressed tars are read with seeks (fast-forward skims
+headers only); everything else is read as a stream (`tarfile` mode "r|*": gzip is detected).
+
+Sample conventions (webdataset's): the first dot of a member's basename splits key and extension;
+the image is the first of `IMAGE_KEYS` present (extensions compare lower-cased); the label is `.cls`
+holding an integer, or `.cls` / `.txt` holding a class name mapped through a classes file
+(`classes.json` beside the shards, or `data.classes=`). Labels are parsed only by a stage that needs them.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Generator, Iterator, Optional
+
+from PIL import Image
+
+from mimkit.data.transforms import to_rgb
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# What a corrupt image raises in PIL; anything else is a bug and propagates.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# Every reason a sample or a shard is skipped, in a fixed order: counts travel as a vector of this
+# length, so every rank all-reduces the same keys. Shard-level reasons count shards, the others samples.
+SKIP_REASONS = ("missing image", "missing label", "bad label", "undecodable image", "truncated tar",
+                "unreadable shard", "pipe failed")
+SHARD_REASONS = ("truncated tar", "unreadable shard", "pipe failed")
+READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
+
+OnSkip = Callable[[str, str], None]
+
+
+def skip_key(reason: str) -> str:
+    """The metrics key of a skip reason: "skipped/missing_image"."""
+    return "skipped/" + reason.replace(" ", "_")
+
+
+# ----------------------------------------------------------------------------------------- specs
+
+
+def is_pipe(path: str) -> bool:
+    return path.startswith("pipe:")
+
+
+def is_url(path: str) -> bool:
+    return "://" in path and not is_pipe(path)
+
+
+def is_local_tar(path: str) -> bool:
+    """Read with seeks (random access, header-only skimming): a local uncompressed tar."""
+    return not (is_pipe(path) or is_url(path)) and not path.endswith((".gz", ".tgz"))
+
+
+def _filesystem(url: str):
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    try:
+        return fsspec.filesystem(protocol)
+    except ImportError as err:
+        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}.get(protocol)
+        hint = f" (pip install 'mimkit[{extra}]')" if extra else ""
+        raise ValueError(f"shards '{url}': fsspec cannot read {protocol}:// here: {err}{hint}") from None
+    except ValueError as err:
+        raise ValueError(f"shards '{url}': unknown protocol {protocol}://: {err}") from None
+
+
+def _expand_url(pattern: str) -> list[str]:
+    fs = _filesystem(pattern)
+    protocol = pattern.split("://", 1)[0]
+    if any(c in pattern for c in "*?[") and protocol not in ("http", "https"):
+        return sorted(f"{protocol}://{p}" for p in fs.glob(pattern) if p.endswith(SHARD_SUFFIXES))
+    if pattern.endswith("/") and protocol not in ("http", "https"):
+        return sorted(f"{protocol}://{p}" for p in fs.ls(pattern, detail=False) if p.endswith(SHARD_SUFFIXES))
+    return [pattern]  # existence is checked when it is read (a missing object is an unreadable shard)
+
+
+def expand_shards(spec: str) -> list[list[str]]:
+    """"a-{000..009}.tar::dir/::pipe:cat b-{0..3}.tar::s3://bucket/c-{0..9}.tar.gz" -> one list of
+    shards per "::" source. Local files must exist; pipes and URLs are checked when read."""
+    from braceexpand import braceexpand
+
+    sources = []
+    for part in [p.strip() for p in spec.split("::") if p.strip()]:
+        paths: list[str] = []
+        if is_pipe(part):
+            paths = [f"pipe:{command}" for command in braceexpand(part[len("pipe:"):])]
+        else:
+            for pattern in braceexpand(part):
+                if is_url(pattern):
+                    paths += _expand_url(pattern)
+                elif os.path.isdir(pattern):
+                    paths += sorted(p for p in glob.glob(os.path.join(pattern, "*")) if p.endswith(SHARD_SUFFIXES))
+                elif any(c in pattern for c in "*?["):
+                    paths += sorted(glob.glob(pattern))
+                else:
+                    paths.append(pattern)
+        missing = [p for p in paths if not (is_pipe(p) or is_url(p)) and not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} shard(s) of '{part}' not found, e.g. {missing[0]}")
+        if not paths:
+            raise FileNotFoundError(f"no shards match '{part}'")
+        sources.append(paths)
+    if not sources:
+        raise ValueError("data.shards is empty")
+    return sources
+
+
+def read_sizes(sources: list[list[str]]) -> Optional[int]:
+    """Samples in all shards from the `sizes.json` files beside them ({shard basename: count}), or None
+    when a shard has no entry (pipes never have one)."""
+    total, manifests = 0, {}
+    for path in (p for source in sources for p in source):
+        if is_pipe(path):
+            return None
+        folder = path.rsplit("/", 1)[0] if is_url(path) else os.path.dirname(path)
+        if folder not in manifests:
+            manifests[folder] = _read_json(folder + "/sizes.json") or {}
+        count = manifests[folder].get(path.rsplit("/", 1)[-1])
+        if count is None:
+            return None
+        total += int(count)
+    return total
+
+
+def _read_json(path: str):
+    try:
+        if is_url(path):
+            with _filesystem(path).open(path, "rb") as f:
+                return json.loads(f.read())
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------- labels
+
+
+def load_classes(path: str) -> dict[str, int]:
+    """A classes file -> {name: index}: a JSON list (index = position, as `mimkit shards` writes), a JSON
+    object {name: index}, or text with one name per line."""
+    if is_url(path):
+        with _filesystem(path).open(path, "rb") as f:
+            text = f.read().decode()
+    else:
+        with open(path) as f:
+            text = f.read()
+    if path.endswith(".json"):
+        data = json.loads(text)
+        return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else \
+            {str(name): i for i, name in enumerate(data)}
+    return {name.strip(): i for i, name in enumerate(n for n in text.splitlines() if n.strip())}
+
+
+def find_classes(sources: list[list[str]], classes: str = "") -> Optional[dict[str, int]]:
+    """`classes` (a path or URL) when given, else `classes.json` beside the first shard of a source."""
+    if classes:
+        return load_classes(classes)
+    for source in sources:
+        first = source[0]
+        if is_pipe(first):
+            continue
+        beside = (first.rsplit("/", 1)[0] if is_url(first) else os.path.dirname(first)) + "/classes.json"
+        data = _read_json(beside)
+        if isinstance(data, list):
+            return {str(name): i for i, name in enumerate(data)}
+        if isinstance(data, dict):
+            return {str(k): int(v) for k, v in data.items()}
+    return None
+
+
+class BadLabel(ValueError):
+    pass
+
+
+@dataclass
+class LabelReader:
+    """A sample's label: `.cls` as an integer, or `.cls` / `.txt` as a class name through `classes`.
+    `.txt` counts only with a classes map (without one it is a caption, as img2dataset writes)."""
+
+    classes: Optional[dict[str, int]] = None
+
+    def keys(self) -> tuple[str, ...]:
+        return ("cls", "txt") if self.classes else ("cls",)
+
+    def __call__(self, data: dict[str, bytes]) -> Optional[int]:
+        """None when the sample has no label; raises BadLabel when it has one that means nothing."""
+        key = next((k for k in self.keys() if k in data), None)
+        if key is None:
+            return None
+        try:
+            text = data[key].decode().strip()
+        except UnicodeDecodeError:
+            raise BadLabel(f".{key} is not text") from None
+        if self.classes and text in self.classes:
+            return self.classes[text]
+        if text.lstrip("-").isdigit() and key == "cls":
+            return int(text)
+        if self.classes:
+            raise BadLabel(f".{key} '{text[:40]}' is not a class of the classes file")
+        raise BadLabel(f".{key} '{text[:40]}' is not an integer (class names need a classes.json beside the "
+                       "shards or data.classes=)")
+
+
+def image_key(sample: dict) -> Optional[str]:
+    return next((k for k in IMAGE_KEYS if k in sample), None)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes -> 8-bit RGB (16-bit grey rescaled), fully decoded: the fine-tuning decode, the same pixels as
+    the pretraining views read (`to_rgb`). Raises one of DECODE_ERRORS on a corrupt image."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = to_rgb(img)
+        return rgb.copy() if rgb is img else rgb
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class MemberRef:
+    """Where a member's bytes are, when the reader only skims headers (fast-forward, indexing)."""
+
+    path: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: "dir/key.ext.more" -> ("dir/key", "ext.more"), extension lower-cased."""
+    folder, base = os.path.split(name)
+    key, dot, ext = base.partition(".")
+    return (os.path.join(folder, key) if folder else key), (ext.lower() if dot else "")
+
+
+# A shard reader yields samples {"__key__", "__shard__", ext: bytes | MemberRef} and returns the reason
+# the shard failed (one of SHARD_REASONS, already reported through on_skip), or None when read whole.
+ShardSamples = Generator[dict, None, Optional[str]]
+
+
+def read_shard(path: str, load: Callable[[], bool], on_skip: OnSkip) -> ShardSamples:
+    """Samples of one shard in member order; never raises for bad data (see `ShardSamples`).
+    `load()` False: a local tar's members become MemberRefs (headers only); streams always load."""
+    if is_local_tar(path):
+        return (yield from _read_local(path, load, on_skip))
+    return (yield from _read_stream(path, on_skip))
+
+
+def _read_local(path: str, load: Callable[[], bool], on_skip: OnSkip) -> ShardSamples:
+    """A member whose data runs past the end of the file (truncated tar) ends the shard and drops the
+    sample being assembled; the check uses the header alone, so skimming and reading agree."""
+    try:
+        size = os.path.getsize(path)
+        tar = tarfile.open(path, mode="r:")
+    except (OSError, tarfile.TarError, EOFError) as err:
+        on_skip("unreadable shard", f"{path}: {err}")
+        return "unreadable shard"
+    current: dict | None = None
+    with tar:
+        while True:
+            try:
+                member = tar.next()
+            except (tarfile.TarError, OSError, EOFError) as err:
+                member, truncated = None, str(err)
+            else:
+                truncated = ""
+            if member is not None and member.isfile() and member.offset_data + member.size > size:
+                truncated = f"member {member.name} runs past the end of the file"
+            if member is None or truncated:
+                if truncated:
+                    on_skip("truncated tar", f"{path}: {truncated}")
+                    return "truncated tar"
+                if current is not None:
+                    yield current
+                return None
+            if not member.isfile():
+                continue
+            key, ext = split_member_name(member.name)
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__shard__": path}
+            if load():
+                try:
+                    f = tar.extractfile(member)
+                    current[ext] = f.read() if f is not None else b""
+                except (tarfile.TarError, OSError, EOFError) as err:
+                    on_skip("truncated tar", f"{path}: {err}")
+                    return "truncated tar"
+            else:
+                current[ext] = MemberRef(path, member.offset_data, member.size)
+
+
+class PipeSource:
+    """`pipe:COMMAND`'s stdout as a file; stderr goes to a temporary file, so a chatty command never
+    blocks on a full pipe. The command dies with this process (PR_SET_PDEATHSIG)."""
+
+    def __init__(self, command: str):
+        import functools
+
+        from mimkit.distributed.lifetime import die_with_parent
+
+        self.command = command
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     stdin=subprocess.DEVNULL, bufsize=1 << 16,
+                                     preexec_fn=functools.partial(die_with_parent, os.getpid()))
+        self.file = self.proc.stdout
+
+    def finish(self) -> str:
+        """After a full read: drain stdout, wait; "" on success, else the exit status and stderr's tail."""
+        try:
+            while self.file.read(1 << 16):
+                pass
+        except OSError:
+            pass
+        code = self.proc.wait()
+        if code == 0:
+            return ""
+        self.stderr.seek(0)
+        tail = self.stderr.read()[-500:].decode(errors="replace").strip().replace("\n", " | ")
+        return f"'{self.command}' exited with status {code}: {tail or '(no stderr)'}"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:  # stopped early (the epoch ended): no report
+            self.proc.kill()
+            self.proc.wait()
+        self.file.close()
+        self.stderr.close()
+
+
+def _read_stream(path: str, on_skip: OnSkip) -> ShardSamples:
+    """A shard read front to back (pipe, URL, gzip). A stream that dies mid-way drops the sample being
+    assembled; a pipe whose command failed is reported with its stderr instead of as a truncated tar."""
+    pipe = None
+    try:
+        if is_pipe(path):
+            pipe = PipeSource(path[len("pipe:"):])
+            raw = pipe.file
+        elif is_url(path):
+            raw = _filesystem(path).open(path, "rb", block_size=1 << 20)
+        else:
+            raw = open(path, "rb")
+    except (OSError, ValueError) as err:
+        on_skip("unreadable shard", f"{path}: {err}")
+        return "unreadable shard"
+    current: dict | None = None
+    failure, detail = None, ""
+    try:
+        try:
+            with tarfile.open(fileobj=raw, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = split_member_name(member.name)
+                    f = tar.extractfile(member)
+                    data = f.read() if f is not None else b""
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"member {member.name} is cut short")
+                    if current is not None and current["__key__"] != key:
+                        yield current
+                        current = None
+                    if current is None:
+                        current = {"__key__": key, "__shard__": path}
+                    current[ext] = data
+        except READ_ERRORS as err:
+            failure, detail = ("unreadable shard" if current is None else "truncated tar"), f"{path}: {err}"
+        error = pipe.finish() if pipe is not None else ""
+        if error:
+            failure, detail = "pipe failed", error
+        if failure is not None:
+            on_skip(failure, detail)
+            return failure
+        if current is not None:
+            yield current
+        return None
+    finally:  # also when the reader stops early (GeneratorExit): a running command is killed
+        if pipe is not None:
+            pipe.close()
+        else:
+            raw.close()
+
+
+def spool(samples: Iterator[dict], keys: Callable[[dict], tuple[str, ...]], folder: Optional[str] = None
+          ) -> Iterator[dict]:
+    """Samples whose bytes (the members `keys(sample)` names) go to one temporary local file and come back
+    as MemberRefs: random access into streamed shards without holding them in memory."""
+    handle = tempfile.NamedTemporaryFile(prefix="mimkit-spool-", suffix=".bin", dir=folder, delete=False)
+    try:
+        for sample in samples:
+            for k in keys(sample):
+                value = sample.get(k)
+                if isinstance(value, bytes):
+                    offset = handle.tell()
+                    handle.write(value)
+                    sample[k] = MemberRef(handle.name, offset, len(value))
+            yield sample
+    finally:
+        handle.close()
