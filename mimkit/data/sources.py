@@ -68,7 +68,7 @@ def is_local_tar(path: str) -> bool:
     return not (is_pipe(path) or is_url(path)) and not path.endswith((".gz", ".tgz"))
 
 
-def _filesystem(url: str):
+def filesystem(url: str):
     import fsspec
 
     protocol = url.split("://", 1)[0]
@@ -83,7 +83,7 @@ def _filesystem(url: str):
 
 
 def _expand_url(pattern: str) -> list[str]:
-    fs = _filesystem(pattern)
+    fs = filesystem(pattern)
     protocol = pattern.split("://", 1)[0]
     if any(c in pattern for c in "*?[") and protocol not in ("http", "https"):
         return sorted(f"{protocol}://{p}" for p in fs.glob(pattern) if p.endswith(SHARD_SUFFIXES))
@@ -143,7 +143,7 @@ def read_sizes(sources: list[list[str]]) -> Optional[int]:
 def _read_json(path: str):
     try:
         if is_url(path):
-            with _filesystem(path).open(path, "rb") as f:
+            with filesystem(path).open(path, "rb") as f:
                 return json.loads(f.read())
         with open(path) as f:
             return json.load(f)
@@ -158,7 +158,7 @@ def load_classes(path: str) -> dict[str, int]:
     """A classes file -> {name: index}: a JSON list (index = position, as `mimkit shards` writes), a JSON
     object {name: index}, or text with one name per line."""
     if is_url(path):
-        with _filesystem(path).open(path, "rb") as f:
+        with filesystem(path).open(path, "rb") as f:
             text = f.read().decode()
     else:
         with open(path) as f:
@@ -362,7 +362,7 @@ def _read_stream(path: str, on_skip: OnSkip) -> ShardSamples:
             pipe = PipeSource(path[len("pipe:"):])
             raw = pipe.file
         elif is_url(path):
-            raw = _filesystem(path).open(path, "rb", block_size=1 << 20)
+            raw = filesystem(path).open(path, "rb", block_size=1 << 20)
         else:
             raw = open(path, "rb")
     except (OSError, ValueError) as err:
