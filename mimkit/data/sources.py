@@ -19,6 +19,7 @@ holding an integer, or `.cls` / `.txt` holding a class name mapped through a cla
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -27,7 +28,7 @@ import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Generator, Iterator, Optional
+from typing import Callable, Generator, Optional
 
 from PIL import Image
 
@@ -405,19 +406,31 @@ def _read_stream(path: str, on_skip: OnSkip) -> ShardSamples:
             raw.close()
 
 
-def spool(samples: Iterator[dict], keys: Callable[[dict], tuple[str, ...]], folder: Optional[str] = None
-          ) -> Iterator[dict]:
-    """Samples whose bytes (the members `keys(sample)` names) go to one temporary local file and come back
-    as MemberRefs: random access into streamed shards without holding them in memory."""
-    handle = tempfile.NamedTemporaryFile(prefix="mimkit-spool-", suffix=".bin", dir=folder, delete=False)
-    try:
-        for sample in samples:
-            for k in keys(sample):
-                value = sample.get(k)
-                if isinstance(value, bytes):
-                    offset = handle.tell()
-                    handle.write(value)
-                    sample[k] = MemberRef(handle.name, offset, len(value))
-            yield sample
-    finally:
-        handle.close()
+class Spool:
+    """Bytes kept in one local temporary file and read back by MemberRef: random access into streamed
+    shards (pipe, URL, gzip) without holding them in memory. Removed by the process that made it, at exit
+    or when the owner is collected (forked DataLoader workers read it, never remove it)."""
+
+    def __init__(self, folder: Optional[str] = None):
+        import weakref
+
+        handle = tempfile.NamedTemporaryFile(prefix="mimkit-spool-", suffix=".bin", dir=folder, delete=False)
+        self.path, self._file = handle.name, handle
+        weakref.finalize(self, _remove_if_mine, self.path, os.getpid())
+
+    def keep(self, data: bytes) -> MemberRef:
+        offset = self._file.tell()
+        self._file.write(data)
+        return MemberRef(self.path, offset, len(data))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __getstate__(self):
+        return {"path": self.path, "_file": None}
+
+
+def _remove_if_mine(path: str, pid: int) -> None:
+    if os.getpid() == pid:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
