@@ -87,6 +87,20 @@ def test_webdataset_shardwriter_shards_with_class_names_train_in_both_stages(wds
     assert all((b["label"] == -1).all() for b in batches)
 
 
+def test_gzip_shards_index_and_decode_like_the_plain_ones(wds_sets, tmp_path):
+    """.tar.gz shards are read through once into a local spool, then indexed like plain tars."""
+    import gzip
+
+    root, sets = wds_sets
+    for part in sorted(Path(sets["train"]).glob("part-*.tar")):
+        (tmp_path / f"{part.name}.gz").write_bytes(gzip.compress(part.read_bytes()))
+    (tmp_path / "classes.json").write_text((Path(sets["train"]) / "classes.json").read_text())
+    plain, packed = TarShardImages(sets["train"]), TarShardImages(str(tmp_path))
+    assert packed.targets == plain.targets and not packed.skips.counts
+    for i in (0, len(plain) // 2, len(plain) - 1):
+        assert np.array_equal(np.asarray(packed[i][0]), np.asarray(plain[i][0]))
+
+
 def test_img2dataset_style_shards_are_refused_for_finetuning_by_name(tmp_path):
     shard = tmp_path / "00000.tar"
     with tarfile.open(shard, "w") as tar:

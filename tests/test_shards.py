@@ -144,7 +144,6 @@ def s3_endpoint(monkeypatch):
                            AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}").items():
         monkeypatch.setenv(key, value)
     fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bucket")
-    fsspec.config.conf.clear()
     yield "s3://bucket"
     server.stop()
 

@@ -206,7 +206,7 @@ def train(cfg: TokenizerTrainConfig) -> Path:
         state, data_state = resumed
         step = int(state["step"])
         stream.load_state_dict(data_state)
-    one_batch = build_stream(dataclasses.replace(data_cfg, num_workers=0), rank=0, world_size=1)
+    one_batch = build_stream(dataclasses.replace(data_cfg, num_workers=0, batches_per_epoch=1), rank=0, world_size=1)
     fixed = stream.device_transform(next(iter(one_batch)))["image"][: cfg.run.picture_count].to(engine.device)
 
     body = TokenizerStep(cfg, data_cfg, engine, stream, Schedule.from_config(cfg.optim, cfg.run.steps, global_batch),
