@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -319,3 +320,24 @@ def test_epoch_length_from_sizes_json_or_num_samples(tmp_path, capsys):
     (tmp_path / "sizes.json").unlink()
     assert len(build_stream(small_config(shards, batches_per_epoch=0))) == 1000
     assert "the default" in capsys.readouterr().out
+
+
+def test_a_stalled_or_lingering_pipe_never_hangs_the_stream(tmp_path, monkeypatch):
+    """A command that stops sending mid-tar, and one that sends a whole tar but never exits: each is
+    killed after `PIPE_STALL_S` (shortened here), counted as a failed pipe, and the epoch goes on."""
+    from mimkit.data import sources
+
+    monkeypatch.setattr(sources, "PIPE_STALL_S", 0.5)
+    make_shards(tmp_path, [6], prefix="ok")
+    make_shards(tmp_path, [6], prefix="cut")
+    half = (tmp_path / "cut-000.tar").stat().st_size // 2
+    reasons = []
+    stalled = f"pipe:head -c {half} {tmp_path}/cut-000.tar; sleep 60"
+    lingering = f"pipe:cat {tmp_path}/ok-000.tar; sleep 60"
+    start = time.monotonic()
+    for spec in (stalled, lingering):
+        keys = [s["__key__"] for s in sources.read_shard(spec, lambda: True, lambda r, d: reasons.append((r, d)))]
+        assert keys and (spec == stalled or len(keys) == 6)
+    assert time.monotonic() - start < 10
+    assert [r for r, _ in reasons] == ["pipe failed", "pipe failed"]
+    assert "sent nothing for 0.5 s" in reasons[0][1] and "sent nothing for 0.5 s" in reasons[1][1]

@@ -24,9 +24,12 @@ import glob
 import io
 import json
 import os
+import select
+import signal
 import subprocess
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Generator, Optional
 
@@ -43,7 +46,7 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompression
 SKIP_REASONS = ("missing image", "missing label", "bad label", "undecodable image", "truncated tar",
                 "unreadable shard", "pipe failed")
 SHARD_REASONS = ("truncated tar", "unreadable shard", "pipe failed")
-READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
+READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError, zlib.error)  # what a bad stream raises
 
 OnSkip = Callable[[str, str], None]
 
@@ -316,41 +319,61 @@ def _read_local(path: str, load: Callable[[], bool], on_skip: OnSkip) -> ShardSa
                 current[ext] = MemberRef(path, member.offset_data, member.size)
 
 
-class PipeSource:
-    """`pipe:COMMAND`'s stdout as a file; stderr goes to a temporary file, so a chatty command never
-    blocks on a full pipe. The command dies with this process (PR_SET_PDEATHSIG)."""
+# A `pipe:` command that sends nothing for this long (stalled download) is killed and counted as failed.
+PIPE_STALL_S = 300.0
 
-    def __init__(self, command: str):
+
+class PipeSource:
+    """`pipe:COMMAND`'s stdout as a file whose reads give up after `PIPE_STALL_S` without a byte
+    (TimeoutError), so a stalled command never hangs the reader. stderr goes to a temporary file (a
+    chatty command never blocks on a full pipe). The command runs in its own process group, killed as a
+    whole when the reader stops early or gives up, and dies with this process (PR_SET_PDEATHSIG)."""
+
+    def __init__(self, command: str, stall_s: Optional[float] = None):
         import functools
 
         from mimkit.distributed.lifetime import die_with_parent
 
-        self.command = command
+        self.command, self.stall_s = command, PIPE_STALL_S if stall_s is None else stall_s
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     stdin=subprocess.DEVNULL, bufsize=1 << 16,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=functools.partial(die_with_parent, os.getpid()))
-        self.file = self.proc.stdout
+        self.fd = self.proc.stdout.fileno()
+
+    def read(self, size: int = -1) -> bytes:
+        """What the command has sent, at most `size` bytes (short reads, as a raw pipe; tarfile loops)."""
+        if not select.select([self.fd], [], [], self.stall_s)[0]:
+            raise TimeoutError(f"'{self.command}' sent nothing for {self.stall_s:g} s")
+        return os.read(self.fd, 1 << 16 if size < 0 else min(size, 1 << 16))
 
     def finish(self) -> str:
-        """After a full read: drain stdout, wait; "" on success, else the exit status and stderr's tail."""
+        """After the tar (or a read error): read to EOF and wait, within `stall_s`; "" when the command
+        exited 0, else its exit status (or that it was killed) and stderr's tail."""
         try:
-            while self.file.read(1 << 16):
+            while self.read(1 << 16):
                 pass
-        except OSError:
-            pass
-        code = self.proc.wait()
-        if code == 0:
-            return ""
+            code = self.proc.wait(timeout=self.stall_s)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            self.kill()
+            status = f"killed ({err})"
+        else:
+            if code == 0:
+                return ""
+            status = f"exited with status {code}"
         self.stderr.seek(0)
         tail = self.stderr.read()[-500:].decode(errors="replace").strip().replace("\n", " | ")
-        return f"'{self.command}' exited with status {code}: {tail or '(no stderr)'}"
+        return f"'{self.command}' {status}: {tail or '(no stderr)'}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
     def close(self) -> None:
-        if self.proc.poll() is None:  # stopped early (the epoch ended): no report
-            self.proc.kill()
-            self.proc.wait()
-        self.file.close()
+        self.kill()  # still running: the reader stopped early (the epoch ended); no report
+        self.proc.stdout.close()
         self.stderr.close()
 
 
@@ -361,7 +384,7 @@ def _read_stream(path: str, on_skip: OnSkip) -> ShardSamples:
     try:
         if is_pipe(path):
             pipe = PipeSource(path[len("pipe:"):])
-            raw = pipe.file
+            raw = pipe
         elif is_url(path):
             raw = filesystem(path).open(path, "rb", block_size=1 << 20)
         else:
@@ -390,15 +413,16 @@ def _read_stream(path: str, on_skip: OnSkip) -> ShardSamples:
                     current[ext] = data
         except READ_ERRORS as err:
             failure, detail = ("unreadable shard" if current is None else "truncated tar"), f"{path}: {err}"
+            if isinstance(err, TimeoutError) and pipe is not None:  # stalled: no second wait in finish()
+                pipe.kill()
         error = pipe.finish() if pipe is not None else ""
-        if error:
-            failure, detail = "pipe failed", error
+        if failure is None and current is not None:  # the tar ended cleanly: its last sample is whole
+            yield current
+        if error:  # counted even after a whole tar: the command did not end well
+            failure, detail = "pipe failed", error + (f" [{detail}]" if detail else "")
         if failure is not None:
             on_skip(failure, detail)
-            return failure
-        if current is not None:
-            yield current
-        return None
+        return failure
     finally:  # also when the reader stops early (GeneratorExit): a running command is killed
         if pipe is not None:
             pipe.close()

@@ -23,8 +23,14 @@ checkpoint and resuming must be cheap and identical on every rank. This reader g
 Measured (bench/data.py, BENCHMARKS.md): reading tars with `tarfile` costs well under 5 % of the decode
 and transform time, so owning the reader costs no throughput.
 
-Skipped samples are reported by a rate-limited warning in the worker (never a sleep) and their count
-travels with each batch as `batch["skipped"]` (0-d long tensor); `StreamLoader.skipped` keeps the total.
+Shards are found and read by `mimkit.data.sources` (local, `.tar.gz`, `pipe:`, fsspec URLs; fast-forward
+skims headers of local uncompressed tars only, streams are read through). A pipe or URL shard that fails
+is read again `RETRY_AFTER` shards later, at most `shard_retries` times.
+
+Skipped samples (and failed shards) are reported by a rate-limited warning in the worker (never a sleep)
+and their counts travel with each batch: `batch["skipped"]` (0-d long tensor, the total) and
+`batch["skipped_by"]` (one count per `SKIP_REASONS` entry); `StreamLoader.skipped` / `.skipped_by` keep
+this process's totals, `skip_totals` sums them over ranks for a run's closing record.
 """
 
 from __future__ import annotations
@@ -266,14 +272,17 @@ class WorkerStream:
             for _, path, attempt in due + [(count, fresh, 0)]:
                 reader = read_shard(path, lambda: self.loading, self.skips)
                 got = False
-                while True:
-                    try:
-                        sample = next(reader)
-                    except StopIteration as stop:
-                        failure = stop.value
-                        break
-                    got = True
-                    yield sample
+                try:
+                    while True:
+                        try:
+                            sample = next(reader)
+                        except StopIteration as stop:
+                            failure = stop.value
+                            break
+                        got = True
+                        yield sample
+                finally:  # the epoch may end mid-shard: a pipe's command is ended now, not at collection
+                    reader.close()
                 count += 1
                 if failure is not None and not is_local_tar(path) and attempt < self.cfg.shard_retries:
                     pending.append((count + RETRY_AFTER, path, attempt + 1))
