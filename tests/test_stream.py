@@ -341,3 +341,23 @@ def test_a_stalled_or_lingering_pipe_never_hangs_the_stream(tmp_path, monkeypatc
     assert time.monotonic() - start < 10
     assert [r for r, _ in reasons] == ["pipe failed", "pipe failed"]
     assert "sent nothing for 0.5 s" in reasons[0][1] and "sent nothing for 0.5 s" in reasons[1][1]
+
+
+def test_a_failed_stream_is_retried_later_up_to_the_limit(tmp_path):
+    """A pipe shard that always fails is read again RETRY_AFTER shards later, `shard_retries` times and no
+    more (each run of the command leaves a line in a file); a failed local tar is never retried (it
+    would fail the same way)."""
+    from mimkit.data.stream import RETRY_AFTER, EpochStream, WorkerStream
+
+    good = make_shards(tmp_path, [2], prefix="g").replace("{000..000}", "000")
+    calls = tmp_path / "calls.txt"
+    failing = f"pipe:echo run >> {calls}; exit 1"
+    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
+    for retries, expected in ((2, 3), (0, 1)):
+        calls.write_text("")
+        cfg = small_config(good, shard_retries=retries)
+        worker = WorkerStream(EpochStream(cfg, [[good]], [1.0], lambda img: {}, None, 0, 1, 0, 0), 0)
+        samples = list(worker._raw(iter([failing, str(tmp_path / "bad.tar")] + [good] * (3 * RETRY_AFTER))))
+        assert len(samples) == 2 * 3 * RETRY_AFTER
+        assert len(calls.read_text().splitlines()) == expected
+        assert worker.skips.counts == {"pipe failed": expected, "unreadable shard": 1}

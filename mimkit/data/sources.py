@@ -134,14 +134,21 @@ def read_sizes(sources: list[list[str]]) -> Optional[int]:
     for path in (p for source in sources for p in source):
         if is_pipe(path):
             return None
-        folder = path.rsplit("/", 1)[0] if is_url(path) else os.path.dirname(path)
+        folder = beside(path, "")
         if folder not in manifests:
-            manifests[folder] = _read_json(folder + "/sizes.json") or {}
+            manifests[folder] = _read_json(beside(path, "sizes.json")) or {}
         count = manifests[folder].get(path.rsplit("/", 1)[-1])
         if count is None:
             return None
         total += int(count)
     return total
+
+
+def beside(shard: str, name: str) -> str:
+    """The file `name` in the folder (or URL prefix) that holds `shard`."""
+    if is_url(shard):
+        return shard.rsplit("/", 1)[0] + "/" + name
+    return os.path.join(os.path.dirname(shard), name)
 
 
 def _read_json(path: str):
@@ -182,8 +189,7 @@ def find_classes(sources: list[list[str]], classes: str = "") -> Optional[dict[s
         first = source[0]
         if is_pipe(first):
             continue
-        beside = (first.rsplit("/", 1)[0] if is_url(first) else os.path.dirname(first)) + "/classes.json"
-        data = _read_json(beside)
+        data = _read_json(beside(first, "classes.json"))
         if isinstance(data, list):
             return {str(name): i for i, name in enumerate(data)}
         if isinstance(data, dict):
