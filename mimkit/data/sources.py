@@ -392,7 +392,9 @@ def _read_stream(path: str, on_skip: OnSkip) -> ShardSamples:
             pipe = PipeSource(path[len("pipe:"):])
             raw = pipe
         elif is_url(path):
-            raw = filesystem(path).open(path, "rb", block_size=1 << 20)
+            # http(s): a streaming read (servers need not support range requests); object stores: 8 MB blocks
+            block = 0 if path.startswith(("http://", "https://")) else 8 << 20
+            raw = filesystem(path).open(path, "rb", block_size=block)
         else:
             raw = open(path, "rb")
     except (OSError, ValueError) as err:
