@@ -272,7 +272,8 @@ ShardSamples = Generator[dict, None, Optional[str]]
 
 
 def read_shard(path: str, load: Callable[[], bool], on_skip: OnSkip) -> ShardSamples:
-    """Samples of one shard in member order; never raises for bad data (see `ShardSamples`).
+    """Samples of one shard in member order; never raises for bad data (see `ShardSamples`). Members
+    are only read into memory, never extracted (no member name reaches the file system).
     `load()` False: a local tar's members become MemberRefs (headers only); streams always load."""
     if is_local_tar(path):
         return (yield from _read_local(path, load, on_skip))

@@ -25,7 +25,9 @@ and transform time, so owning the reader costs no throughput.
 
 Shards are found and read by `mimkit.data.sources` (local, `.tar.gz`, `pipe:`, fsspec URLs; fast-forward
 skims headers of local uncompressed tars only, streams are read through). A pipe or URL shard that fails
-is read again `RETRY_AFTER` shards later, at most `shard_retries` times.
+is read again `RETRY_AFTER` shards later, at most `shard_retries` times (the samples it gave before failing
+come again). The position stays a function of the batch index as long as the data fails the same way:
+a transient failure makes the stream after it differ from an uninterrupted run's.
 
 Skipped samples (and failed shards) are reported by a rate-limited warning in the worker (never a sleep)
 and their counts travel with each batch: `batch["skipped"]` (0-d long tensor, the total) and
