@@ -39,7 +39,7 @@ class TarShardImages(torch.utils.data.Dataset):
 
         if not spec:
             raise ValueError(f"{key} is empty: data.format=shards needs a shard spec")
-        sources = expand_shards(spec)
+        sources = expand_shards(spec, key)
         self.shards = [p for source in sources for p in source]
         self.transform = transform
         self.skips = SkipCounter()

@@ -96,9 +96,10 @@ def _expand_url(pattern: str) -> list[str]:
     return [pattern]  # existence is checked when it is read (a missing object is an unreadable shard)
 
 
-def expand_shards(spec: str) -> list[list[str]]:
+def expand_shards(spec: str, key: str = "data.shards") -> list[list[str]]:
     """"a-{000..009}.tar::dir/::pipe:cat b-{0..3}.tar::s3://bucket/c-{0..9}.tar.gz" -> one list of
-    shards per "::" source. Local files must exist; pipes and URLs are checked when read."""
+    shards per "::" source. Local files must exist; pipes and URLs are checked when read. `key`: the
+    config key that gave `spec`, for the messages."""
     from braceexpand import braceexpand
 
     sources = []
@@ -118,12 +119,13 @@ def expand_shards(spec: str) -> list[list[str]]:
                     paths.append(pattern)
         missing = [p for p in paths if not (is_pipe(p) or is_url(p)) and not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} shard(s) of '{part}' not found, e.g. {missing[0]}")
+            raise FileNotFoundError(f"{key}={part}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
         if not paths:
-            raise FileNotFoundError(f"no shards match '{part}'")
+            raise FileNotFoundError(f"{key}={part}: no shards there (.tar / .tar.gz / .tgz files, a folder of "
+                                    "them, a brace pattern, a glob, pipe:COMMAND or a URL)")
         sources.append(paths)
     if not sources:
-        raise ValueError("data.shards is empty")
+        raise ValueError(f"{key} is empty")
     return sources
 
 
