@@ -239,9 +239,7 @@ def image_key(sample: dict) -> Optional[str]:
 def decode_image(data: bytes) -> Image.Image:
     """Bytes -> 8-bit RGB (16-bit grey rescaled), fully decoded: the fine-tuning decode, the same pixels as
     the pretraining views read (`to_rgb`). Raises one of DECODE_ERRORS on a corrupt image."""
-    with Image.open(io.BytesIO(data)) as img:
-        rgb = to_rgb(img)
-        return rgb.copy() if rgb is img else rgb
+    return to_rgb(Image.open(io.BytesIO(data)))  # loaded in full: nothing left open (an in-memory file)
 
 
 # ----------------------------------------------------------------------------------------- reading
