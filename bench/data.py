@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 
 from mimkit.data.shards import write_shards
-from mimkit.data.stream import DataConfig, build_stream, read_tar_samples
+from mimkit.data.sources import read_shard
+from mimkit.data.stream import DataConfig, build_stream
 from mimkit.data.transforms import (
     DALLE_MEAN, DALLE_STD, IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, SecondView, ViewTransform, apply_jitter,
     normalise,
@@ -179,7 +180,7 @@ def bench(args) -> dict:
         images = batches * args.batch
         tar_files = sorted(str(p) for p in shards.glob("*.tar"))
         results: dict = {"tar_read_only": rate(
-            lambda: [s for p in tar_files for s in read_tar_samples(p, lambda: True, lambda *a: None)],
+            lambda: [s for p in tar_files for s in read_shard(p, lambda: True, lambda *a: None)],
             args.images, args.repeats)}
 
         def mimkit_run(mode: str, **transform_kw):

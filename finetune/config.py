@@ -31,10 +31,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    format: str = "imagefolder"  # imagefolder (ROOT/train/<wnid>/*.JPEG, ROOT/val/...) | shards (.tar with .jpg + .cls)
+    format: str = "imagefolder"  # imagefolder (ROOT/train/<wnid>/*.JPEG, ROOT/val/...) | shards (image + .cls / class-name .txt)
     root: str = ""  # imagefolder: the folder holding train/ and val/
-    train_shards: str = ""  # shards: brace pattern / folder of training shards
+    train_shards: str = ""  # shards: as pretraining's data.shards (brace patterns, folders, .tar.gz, pipe:, s3:// ...)
     val_shards: str = ""
+    classes: str = ""  # class-name labels: a classes file (JSON list / object, one name a line); "": classes.json beside the shards
     num_classes: int = 1000
     label_fraction: float = 1.0  # keep this fraction of training labels, class-balanced (few-label runs)
     batch_size: int = 1024  # global, split across processes (same batches on any number of processes)

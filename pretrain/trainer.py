@@ -26,7 +26,7 @@ import torch.distributed as dist
 from mimkit.checkpoint.export import export_run
 from mimkit.checkpoint.store import CheckpointError, CheckpointStore
 from mimkit.config import parse_cli, save_config, to_dict
-from mimkit.data.stream import StreamLoader, build_stream, derive_seed
+from mimkit.data.stream import SKIP_TOTALS, StreamLoader, build_stream, derive_seed, pop_skip_metrics, skip_totals
 from mimkit.distributed.engine import Engine, build_ds_config, environment_summary
 from mimkit.distributed.loop import LoopConfig, Preempted, endless, train_loop
 from mimkit.distributed.preempt import PreemptionFlag
@@ -62,8 +62,8 @@ class PretrainStep:
         self.micro = 0
 
     def micro_step(self, step: int, raw: dict) -> dict[str, Any]:
+        skips = pop_skip_metrics(raw)
         batch = self.engine.to_model(self.stream.device_transform(raw))
-        skipped = int(batch.pop("skipped", 0))
         with torch.no_grad():
             batch.update(self.objective.targets(batch))
             masks = self.objective.masks
@@ -77,7 +77,7 @@ class PretrainStep:
         result = self.engine.train_step(self.cfg.debug.poison(out["loss"], step, self.engine.rank))
         self.batch, self.lr = batch, result.lr
         metrics = {k: v for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
-        metrics["skipped_samples"] = skipped
+        metrics.update(skips)
         if result.boundary:
             metrics["grad_norm"] = result.grad_norm
         return metrics
@@ -152,7 +152,7 @@ def train(cfg: PretrainConfig) -> int:
     body = PretrainStep(cfg, engine, objective, stream, schedule, store, run_dir)
     loop = LoopConfig(steps=cfg.run.steps, grad_accum=cfg.engine.grad_accum, log_every=cfg.run.log_every,
                       save_every=cfg.run.save_every, samples_per_step=global_batch, faults=cfg.debug,
-                      totals=("skipped_samples",))
+                      totals=SKIP_TOTALS)
     logger = MetricsLogger(run_dir)
     bar = progress(total=cfg.run.steps, initial=step, desc=cfg.objective, unit="step")
     flag = PreemptionFlag().install()
@@ -179,15 +179,14 @@ def train(cfg: PretrainConfig) -> int:
 
 
 def log_end(logger: MetricsLogger, engine: Engine, body: PretrainStep, step: int) -> None:
-    """The closing record: the batches each rank served in this run, and the samples skipped on all
-    ranks since the run began (collective)."""
-    mine = torch.tensor([body.batches_seen, body.stream.skipped], dtype=torch.float64, device=engine.device)
+    """The closing record: the batches each rank served in this run, and the skips of all ranks since the
+    run began, by reason (collective)."""
+    mine = torch.tensor([body.batches_seen], dtype=torch.float64, device=engine.device)
     ranks = [mine.clone() for _ in range(engine.world_size)]
     if dist.is_initialized() and engine.world_size > 1:
         dist.all_gather(ranks, mine)
     logger.log(step, samples=step * body.global_batch, batches_per_rank=[int(r[0]) for r in ranks],
-               skipped_steps=engine.skipped_steps, skipped_samples_total=int(sum(r[1] for r in ranks)),
-               event="end")
+               skipped_steps=engine.skipped_steps, **skip_totals(body.stream, engine.device), event="end")
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "pretrain") -> PretrainConfig:

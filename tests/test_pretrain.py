@@ -160,3 +160,24 @@ def test_zero3_beitv2_trains_checkpoints_and_exports(assets):
     assert (run_dir / "checkpoints" / "step_00000003" / "complete.json").is_file()
     meta = json.loads((run_dir / "export" / "mimkit.json").read_text())
     assert meta["method"] == "beitv2" and meta["step"] == 3
+
+
+def test_a_pipe_failing_half_way_is_skipped_and_counted_on_both_ranks(assets):
+    """Every shard comes through `pipe:` from a command that sends half the tar, prints to stderr and exits
+    3 (a connection reset mid-download): both ranks count each failure (the command's stderr names the
+    rank), train on the halves, and end normally; the closing record's totals over all ranks equal the
+    sum of the windows, reason by reason."""
+    root, _, demo = assets
+    cut = root / "cut.sh"
+    cut.write_text('head -c $(( $(stat -c %s "$1") / 2 )) "$1"\necho "connection reset on rank $RANK" >&2\nexit 3\n')
+    shards = sorted(p.name for p in demo.shards_dir.glob("*.tar"))
+    spec = f"pipe:sh {cut} {demo.shards_dir}/{{{','.join(shards)}}}"
+    proc = launch(assets, "pipe", **{"run.steps": 5, "data.shards": spec, "run.picture_every": 0})
+    assert "connection reset on rank 0" in proc.stdout and "connection reset on rank 1" in proc.stdout
+    records = read_metrics(assets[0] / "runs" / "pipe")
+    windows, end = [r for r in records if "loss" in r], records[-1]
+    assert end["event"] == "end" and end["batches_per_rank"] == [5, 5] and len(windows) == 5
+    assert sum(r["skipped/pipe_failed"] for r in windows) >= 4
+    assert end["skipped_samples_total"] == sum(r["skipped_samples"] for r in windows) > 0
+    for reason, total in end["skipped_total_by_reason"].items():
+        assert total == sum(r["skipped/" + reason.replace(" ", "_")] for r in windows)

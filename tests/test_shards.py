@@ -5,6 +5,7 @@ import json
 import tarfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from mimkit.cli import main as mimkit_main
@@ -96,3 +97,77 @@ def test_parallel_encoding_gives_the_same_shards(tmp_path):
     write_shards(items, tmp_path / "serial", progress=False)
     write_shards(items, tmp_path / "pool", workers=2, progress=False)
     assert (tmp_path / "serial" / "shard-000000.tar").read_bytes() == (tmp_path / "pool" / "shard-000000.tar").read_bytes()
+
+
+def test_flat_folder_gives_unlabelled_shards_and_empty_input_exits_nonzero(tmp_path, capsys):
+    flat = tmp_path / "flat"
+    (flat / "more").mkdir(parents=True)  # a sub-folder without images is no class
+    (flat / "empty_class").mkdir()
+    for i in range(5):
+        save_image(flat / f"{i}.jpg", i)
+    save_image(flat / "more" / "x.png", 9, fmt="PNG")
+    (flat / "empty_class" / "readme.txt").write_text("no images here")
+    out = tmp_path / "shards"
+    assert mimkit_main(["shards", "imagefolder", str(flat), "--out", str(out), "--workers", "2"]) == 0
+    assert "6 samples (unlabelled)" in capsys.readouterr().out
+    samples = read_shards(out)
+    assert len(samples) == 6 and all(set(s) == {"jpg", "json"} for s in samples.values())
+    assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 6}
+    assert not (out / "classes.json").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    assert mimkit_main(["shards", "imagefolder", str(empty), "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mimkit shards: no images in") and len(err.splitlines()) == 1
+    (tmp_path / "list.txt").write_text("# nothing listed\n")
+    assert mimkit_main(["shards", "filelist", str(tmp_path / "list.txt"), "--out", str(tmp_path / "none")]) == 2
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A local S3-compatible server (moto's server mode, in a thread on 127.0.0.1): no real S3 can be
+    reached from this machine, so this stands in for it; s3fs and botocore talk to it over HTTP exactly
+    as to S3 (AWS_ENDPOINT_URL)."""
+    import socket
+
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for key, value in dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
+                           AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}").items():
+        monkeypatch.setenv(key, value)
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bucket")
+    yield "s3://bucket"
+    server.stop()
+
+
+def test_shards_written_to_s3_and_streamed_back(tmp_path, s3_endpoint, capsys):
+    """`mimkit shards ... --out s3://bucket/set` uploads the shards and sizes.json; the stream reads the
+    bucket folder back (listing through s3fs), takes its epoch length from sizes.json, and every sample
+    comes out, in two DataLoader workers."""
+    import fsspec
+    from mimkit.data.stream import DataConfig, build_stream
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(10):
+        save_image(flat / f"{i}.jpg", 100 + i)
+    url = f"{s3_endpoint}/set"
+    assert mimkit_main(["shards", "imagefolder", str(flat), "--out", url, "--maxcount", "4"]) == 0
+    fs = fsspec.filesystem("s3")
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(url)) == [
+        "shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "sizes.json"]
+    capsys.readouterr()
+    cfg = DataConfig(shards=f"{url}/", batch_size=2, num_workers=2, batches_per_epoch=0, image_size=32,
+                     shuffle_buffer=4, return_keys=True)
+    loader = build_stream(cfg)
+    assert len(loader) == 5 and "10 samples (sizes.json" in capsys.readouterr().out
+    keys = [k for batch in loader for k in batch["key"]]
+    assert len(keys) == 10 and int(loader.skipped) == 0 and len(set(keys)) >= 6

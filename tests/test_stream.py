@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -200,3 +201,167 @@ def test_config_errors_name_the_problem(tmp_path):
     loader = build_stream(small_config(shards))
     with pytest.raises(ValueError, match="seed"):
         loader.load_state_dict({"epoch": 0, "batch": 1, "seed": 5})
+
+
+# ---- where shards are: pipe:, .tar.gz, http(s) and s3 through fsspec ------------------------------
+
+
+def gzip_copy(src, dst) -> None:
+    import gzip
+
+    dst.write_bytes(gzip.compress(src.read_bytes()))
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving `tmp_path/www` (http.server in a thread)."""
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(www)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_pipe_gzip_and_http_sources_stream_with_weights(tmp_path, http_root):
+    """Three sources, each another kind of shard: `pipe:cat` over local tars, gzip-compressed tars on
+    disk (.tar.gz and .tgz), and tars served over HTTP by a real server (fsspec's HTTP filesystem reads
+    https:// the same way; this machine has no certificate authority for a TLS server). Every sample of
+    every source comes out, decoded, in the proportions the weights ask for."""
+    www, url = http_root
+    make_shards(tmp_path, [4, 4], prefix="p")
+    make_shards(tmp_path, [4, 4], prefix="g")
+    gzip_copy(tmp_path / "g-000.tar", tmp_path / "g-000.tar.gz")
+    gzip_copy(tmp_path / "g-001.tar", tmp_path / "g-001.tgz")
+    make_shards(www, [4, 4], prefix="h")
+    # a shard larger than a read block, from a server without range requests: read as one stream
+    write_tar(www / "h-002.tar", [(f"h2_{i}", {"jpg": jpeg(90 + i), "bin": np.random.bytes(1_500_000)})
+                                  for i in range(2)])
+    spec = (f"pipe:cat {tmp_path}/p-{{000..001}}.tar::{tmp_path}/g-000.tar.gz::{tmp_path}/g-001.tgz"
+            f"::{url}/h-{{000..002}}.tar")
+    assert [len(s) for s in expand_shards(spec)] == [2, 1, 1, 3]
+    cfg = small_config(spec, weights=[3.0, 1.0, 1.0, 1.0], batches_per_epoch=24, batch_size=4, shuffle_buffer=8)
+    seen = []
+    for batch in build_stream(cfg):
+        assert torch.isfinite(batch["image"]).all() and int(batch["skipped"]) == 0
+        seen += [k.split("/")[1] for k in batch["key"]]
+    by_prefix = {p: sum(k.startswith(p) for k in seen) for p in "pgh"}
+    expected = {f"{p}{s}_{i}" for p in "pgh" for s in (0, 1) for i in range(4)} | {"h2_0", "h2_1"}
+    assert set(seen) == expected
+    assert 0.35 < by_prefix["p"] / len(seen) < 0.7 and by_prefix["p"] > max(by_prefix["g"], by_prefix["h"])  # 1/2
+
+
+def test_failing_pipe_and_missing_url_are_skipped_counted_and_retried(tmp_path, http_root):
+    """A command that dies half-way through its tar (exit 3, a message on stderr) and a URL that does not
+    exist: both are skipped and counted by reason, retried later in the epoch (`shard_retries`), and the
+    epoch still yields every batch; the good shard's samples all come out."""
+    www, url = http_root
+    make_shards(tmp_path, [6], prefix="ok")
+    make_shards(tmp_path, [6], prefix="cut")
+    half = (tmp_path / "cut-000.tar").stat().st_size // 2
+    spec = (f"{tmp_path}/ok-000.tar::pipe:head -c {half} {tmp_path}/cut-000.tar; echo connection reset >&2; exit 3"
+            f"::{url}/missing-000.tar")
+    cfg = small_config(spec, weights=[1.0, 1.0, 1.0], batches_per_epoch=20, batch_size=3, shard_retries=1)
+    loader = build_stream(cfg)
+    keys = set()
+    for batch in loader:
+        keys.update(k.split("/")[1] for k in batch["key"])
+    by = loader.state_dict()["skipped_by"]
+    assert by["pipe failed"] >= 2 and by["unreadable shard"] >= 2 and by["truncated tar"] == 0
+    assert {f"ok0_{i}" for i in range(6)} <= keys and "cut0_0" in keys  # the first half of the cut shard
+    assert loader.state_dict()["batch"] == 0 and loader.state_dict()["epoch"] == 1  # the epoch ended normally
+    # retries: a source whose every shard fails is read 1 + shard_retries times per failure, not forever
+    from mimkit.data.sources import read_shard
+
+    reasons = []
+    list(read_shard(spec.split("::")[1], lambda: True, lambda r, d: reasons.append((r, d))))
+    assert reasons[0][0] == "pipe failed" and "exited with status 3" in reasons[0][1]
+    assert "connection reset" in reasons[0][1]
+
+
+def test_pretraining_reads_no_labels_and_class_names_map_through_classes_json(tmp_path):
+    """Class-name labels (`.cls` "circle", `.txt` as webdataset users write them) never cost pretraining a
+    sample (it parses no label); a stage asking for labels maps them through classes.json beside the shards."""
+    samples = [(f"n{i}", {"jpg": jpeg(i), "cls": [b"circle", b"square"][i % 2]}) for i in range(4)]
+    samples += [(f"t{i}", {"PNG": _png(i), "txt": [b"square", b"circle"][i % 2]}) for i in range(4)]
+    write_tar(tmp_path / "named-000.tar", samples)
+    cfg = small_config(str(tmp_path / "named-000.tar"), batches_per_epoch=4, batch_size=2)
+    loader = build_stream(cfg)
+    assert all(int(b["skipped"]) == 0 and (b["label"] == -1).all() for b in loader)
+    (tmp_path / "classes.json").write_text(json.dumps(["circle", "square"]))
+    labelled = build_stream(small_config(cfg.shards, batches_per_epoch=12, batch_size=2, require_label=True))
+    labels = {}
+    for batch in labelled:
+        assert int(batch["skipped"]) == 0
+        labels.update(zip((k.split("/")[1] for k in batch["key"]), batch["label"].tolist()))
+    expected = {**{f"n{i}": i % 2 for i in range(4)}, **{f"t{i}": 1 - i % 2 for i in range(4)}}
+    assert labels.items() <= expected.items() and len(labels) >= 6
+
+
+def _png(seed: int) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(seed))).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_epoch_length_from_sizes_json_or_num_samples(tmp_path, capsys):
+    shards = make_shards(tmp_path, [5, 7])
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-000.tar": 5, "s-001.tar": 7}))
+    assert len(build_stream(small_config(shards, batches_per_epoch=0, batch_size=2), world_size=2, rank=0)) == 3
+    assert "12 samples (sizes.json" in capsys.readouterr().out
+    assert len(build_stream(small_config(shards, batches_per_epoch=0, num_samples=40, batch_size=2))) == 20
+    (tmp_path / "sizes.json").unlink()
+    assert len(build_stream(small_config(shards, batches_per_epoch=0))) == 1000
+    assert "the default" in capsys.readouterr().out
+
+
+def test_a_stalled_or_lingering_pipe_never_hangs_the_stream(tmp_path, monkeypatch):
+    """A command that stops sending mid-tar, and one that sends a whole tar but never exits: each is
+    killed after `PIPE_STALL_S` (shortened here), counted as a failed pipe, and the epoch goes on."""
+    from mimkit.data import sources
+
+    monkeypatch.setattr(sources, "PIPE_STALL_S", 0.5)
+    make_shards(tmp_path, [6], prefix="ok")
+    make_shards(tmp_path, [6], prefix="cut")
+    half = (tmp_path / "cut-000.tar").stat().st_size // 2
+    reasons = []
+    stalled = f"pipe:head -c {half} {tmp_path}/cut-000.tar; sleep 60"
+    lingering = f"pipe:cat {tmp_path}/ok-000.tar; sleep 60"
+    start = time.monotonic()
+    for spec in (stalled, lingering):
+        keys = [s["__key__"] for s in sources.read_shard(spec, lambda: True, lambda r, d: reasons.append((r, d)))]
+        assert keys and (spec == stalled or len(keys) == 6)
+    assert time.monotonic() - start < 10
+    assert [r for r, _ in reasons] == ["pipe failed", "pipe failed"]
+    assert "sent nothing for 0.5 s" in reasons[0][1] and "sent nothing for 0.5 s" in reasons[1][1]
+
+
+def test_a_failed_stream_is_retried_later_up_to_the_limit(tmp_path):
+    """A pipe shard that always fails is read again RETRY_AFTER shards later, `shard_retries` times and no
+    more (each run of the command leaves a line in a file); a failed local tar is never retried (it
+    would fail the same way)."""
+    from mimkit.data.stream import RETRY_AFTER, EpochStream, WorkerStream
+
+    good = make_shards(tmp_path, [2], prefix="g").replace("{000..000}", "000")
+    calls = tmp_path / "calls.txt"
+    failing = f"pipe:echo run >> {calls}; exit 1"
+    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
+    for retries, expected in ((2, 3), (0, 1)):
+        calls.write_text("")
+        cfg = small_config(good, shard_retries=retries)
+        worker = WorkerStream(EpochStream(cfg, [[good]], [1.0], lambda img: {}, None, 0, 1, 0, 0), 0)
+        samples = list(worker._raw(iter([failing, str(tmp_path / "bad.tar")] + [good] * (3 * RETRY_AFTER))))
+        assert len(samples) == 2 * 3 * RETRY_AFTER
+        assert len(calls.read_text().splitlines()) == expected
+        assert worker.skips.counts == {"pipe failed": expected, "unreadable shard": 1}

@@ -22,7 +22,7 @@ from mimkit.checkpoint.export_format import shard_list_hash
 from mimkit.checkpoint.store import CheckpointStore
 from mimkit.checkpoint.tokenizer_export import build_tokenizer_model, save_tokenizer_export
 from mimkit.config import save_config, to_dict
-from mimkit.data.stream import StreamLoader, build_stream
+from mimkit.data.stream import SKIP_TOTALS, StreamLoader, build_stream, pop_skip_metrics, skip_totals
 from mimkit.distributed.engine import Engine
 from mimkit.distributed.loop import LoopConfig, endless, train_loop
 from mimkit.distributed.preempt import PreemptionFlag
@@ -123,6 +123,7 @@ class TokenizerStep:
         self.engine.set_schedule(self.schedule.lr_at(step), self.schedule.weight_decay_at(step))
 
     def micro_step(self, step: int, raw: dict) -> dict:
+        skips = pop_skip_metrics(raw)
         images = self.engine.to_model(self.stream.device_transform(raw))["image"]
         target = None
         if self.teacher is not None:  # VQ-KD regresses the frozen teacher's tokens
@@ -140,6 +141,7 @@ class TokenizerStep:
         self.lr = result.lr
         metrics = {k: v for k, v in out.items() if k not in ("loss", "recon", "ids") and v.numel() == 1}
         metrics["loss"] = result.loss
+        metrics.update(skips)
         if result.boundary:
             metrics["grad_norm"] = result.grad_norm
         return metrics
@@ -204,13 +206,14 @@ def train(cfg: TokenizerTrainConfig) -> Path:
         state, data_state = resumed
         step = int(state["step"])
         stream.load_state_dict(data_state)
-    one_batch = build_stream(dataclasses.replace(data_cfg, num_workers=0), rank=0, world_size=1)
+    one_batch = build_stream(dataclasses.replace(data_cfg, num_workers=0, batches_per_epoch=1), rank=0, world_size=1)
     fixed = stream.device_transform(next(iter(one_batch)))["image"][: cfg.run.picture_count].to(engine.device)
 
     body = TokenizerStep(cfg, data_cfg, engine, stream, Schedule.from_config(cfg.optim, cfg.run.steps, global_batch),
                          store, teacher, perceptual, run_dir, fixed)
     loop = LoopConfig(steps=cfg.run.steps, grad_accum=cfg.engine.grad_accum, log_every=cfg.run.log_every,
-                      save_every=cfg.run.save_every, samples_per_step=global_batch, faults=cfg.debug)
+                      save_every=cfg.run.save_every, samples_per_step=global_batch, faults=cfg.debug,
+                      totals=SKIP_TOTALS)
     logger = MetricsLogger(run_dir)
     bar = progress(total=cfg.run.steps, desc=f"tokenizers/{cfg.kind}", initial=step)
     flag = PreemptionFlag().install()
@@ -218,6 +221,8 @@ def train(cfg: TokenizerTrainConfig) -> Path:
         step = train_loop(body, endless(stream), loop, step, rank=engine.rank, device=engine.device, flag=flag,
                           log=logger.log, bar=bar, hooks=[lambda s: body.report_usage(s, logger.log), body.picture],
                           on_window=lambda s, m: {"lr": body.lr, "skipped_steps": engine.skipped_steps})
+        logger.log(step, samples=step * global_batch, skipped_steps=engine.skipped_steps,
+                   **skip_totals(stream, engine.device), event="end")
         with full_parameters(engine):
             if engine.rank == 0:
                 write_export(cfg, engine.module.tokenizer, fixed, run_dir, step, step * global_batch, teacher, data_cfg)

@@ -144,9 +144,11 @@ def shard_list_hash(spec: str) -> dict[str, Any]:
     if not spec:
         return {"sha256": None, "of": "nothing (no data.shards)"}
     try:
-        from mimkit.data.stream import expand_shards  # the data package pulls in webdataset: only when asked
+        from mimkit.data.sources import expand_shards, is_pipe, is_url  # PIL and fsspec: only when asked
         paths = sorted(p for source in expand_shards(spec) for p in source)
-        text = "\n".join(f"{os.path.basename(p)} {os.path.getsize(p)}" for p in paths)
+        # local shards by name and size; a pipe command or a URL as written (no network for a hash)
+        text = "\n".join(p if is_pipe(p) or is_url(p) else f"{os.path.basename(p)} {os.path.getsize(p)}"
+                          for p in paths)
         return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "of": f"{len(paths)} shard names and sizes"}
     except (FileNotFoundError, ValueError, ImportError):
         return {"sha256": hashlib.sha256(spec.encode()).hexdigest(), "of": "the data.shards spec (shards not found)"}

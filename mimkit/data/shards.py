@@ -1,7 +1,12 @@
-"""`mimkit shards`: an ImageFolder or a file list to WebDataset tar shards.
+"""`mimkit shards`: an ImageFolder, a flat folder or a file list to WebDataset tar shards.
 
-    mimkit shards imagefolder DIR --out OUT [--maxcount N] [--maxsize BYTES] [--prefix NAME]
+    mimkit shards imagefolder DIR --out OUT [--maxcount N] [--maxsize BYTES] [--prefix NAME] [--workers N]
     mimkit shards filelist FILE --out OUT          # lines "path[<TAB>label]", label an int or a class name
+
+DIR with class sub-folders gives labelled samples; a flat DIR (images, no class folders: the usual
+pretraining input) gives unlabelled ones. OUT is a local folder or an fsspec URL (`s3://bucket/set`,
+`gs://...`): each shard is written locally, then uploaded and removed. An input without images is
+refused (exit 2).
 
 Each sample is `KEY.jpg` (the original bytes when the file is a decodable RGB JPEG, else re-encoded as
 RGB JPEG quality 95), `KEY.cls` (class index, absent when unlabelled) and `KEY.json` (original path,
@@ -19,8 +24,10 @@ import io
 import json
 import os
 import random
+import shutil
 import sys
 import tarfile
+import tempfile
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterable, Union
@@ -69,10 +76,12 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 class ShardWriter:
     """Rolls `PREFIX-000000.tar`, ... by sample count and byte size; each shard is written to a
-    temporary name and renamed when complete, so a crash never leaves a truncated shard."""
+    temporary name and renamed when complete, so a crash never leaves a truncated shard. `publish(path)`
+    (optional) is called with each complete shard (an upload)."""
 
-    def __init__(self, out_dir: Path, prefix: str, maxcount: int, maxsize: int):
+    def __init__(self, out_dir: Path, prefix: str, maxcount: int, maxsize: int, publish=None):
         self.out_dir, self.prefix, self.maxcount, self.maxsize = out_dir, prefix, maxcount, maxsize
+        self.publish = publish
         self.sizes: dict[str, int] = {}
         self.tar: tarfile.TarFile | None = None
         self.name, self.count, self.bytes = "", 0, 0
@@ -94,8 +103,42 @@ class ShardWriter:
             return
         self.tar.close()
         os.replace(self.out_dir / f"{self.name}.tmp", self.out_dir / self.name)
+        if self.publish is not None:
+            self.publish(self.out_dir / self.name)
         self.sizes[self.name] = self.count
         self.tar = None
+
+
+class Destination:
+    """Where shards go: a local folder, or an fsspec URL (shards staged in a local temporary folder,
+    uploaded when complete, then removed)."""
+
+    def __init__(self, out: str | os.PathLike):
+        from mimkit.data.sources import filesystem, is_url
+
+        self.url = str(out).rstrip("/") if is_url(str(out)) else None
+        if self.url is None:
+            self.folder = Path(out)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.fs = None
+        else:
+            self.fs = filesystem(self.url)
+            self.folder = Path(tempfile.mkdtemp(prefix="mimkit-shards-"))
+
+    def publish(self, path: Path) -> None:
+        if self.fs is not None:
+            self.fs.put_file(str(path), f"{self.url}/{path.name}")
+            path.unlink()
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.fs is None:
+            (self.folder / name).write_text(text)
+        else:
+            self.fs.pipe(f"{self.url}/{name}", text.encode())
+
+    def close(self) -> None:
+        if self.fs is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def write_shards(
@@ -107,11 +150,19 @@ def write_shards(
 
     `source` is a path, encoded bytes or a PIL image; `label` an int (None or -1: unlabelled);
     `name` goes into the metadata (default: the path). `workers` > 0 encodes in a process pool.
-    Returns {"sizes": {shard: count}, "written": n, "skipped": [(name, error), ...], "classes": [...]}.
+    `out_dir` is a local folder or an fsspec URL. Returns {"sizes": {shard: count}, "written": n,
+    "skipped": [(name, error), ...], "classes": [...]}.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out, prefix, maxcount, maxsize)
+    dest = Destination(out_dir)
+    try:
+        return _write(items, dest, out_dir, maxcount, maxsize, prefix, classes, metadata, workers, progress, total)
+    finally:
+        dest.close()
+
+
+def _write(items, dest: Destination, out, maxcount, maxsize, prefix, classes, metadata, workers, progress,
+           total) -> dict:
+    writer = ShardWriter(dest.folder, prefix, maxcount, maxsize, publish=dest.publish)
     skipped: list[tuple[str, str]] = []
     written = 0
 
@@ -146,22 +197,24 @@ def write_shards(
         if pool is not None:
             pool.close()
             pool.join()
-    (out / "sizes.json").write_text(json.dumps(writer.sizes, indent=1) + "\n")
+    dest.write_text("sizes.json", json.dumps(writer.sizes, indent=1) + "\n")
     if classes is not None:
-        (out / "classes.json").write_text(json.dumps(list(classes), indent=1) + "\n")
+        dest.write_text("classes.json", json.dumps(list(classes), indent=1) + "\n")
     return {"sizes": writer.sizes, "written": written, "skipped": skipped, "classes": classes}
 
 
-def scan_imagefolder(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    """ROOT/CLASS/**/IMAGE -> ([(path, label)], sorted class names), like torchvision's ImageFolder."""
+def _images_under(folder: Path) -> list[str]:
+    return [os.path.join(dirpath, f) for dirpath, _, files in sorted(os.walk(folder, followlinks=True))
+            for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def scan_imagefolder(root: Path) -> tuple[list[tuple[str, int | None]], list[str] | None]:
+    """ROOT/CLASS/**/IMAGE -> ([(path, label)], sorted class names), like torchvision's ImageFolder; a
+    flat ROOT (images directly in it) -> ([(path, None)] for every image under it, None): unlabelled."""
+    if any(f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS) for f in root.iterdir()):
+        return [(p, None) for p in _images_under(root)], None
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    items = []
-    for label, name in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    items.append((os.path.join(dirpath, f), label))
-    return items, classes
+    return [(p, label) for label, name in enumerate(classes) for p in _images_under(root / name)], classes
 
 
 def read_filelist(path: Path) -> tuple[list[tuple[str, int | None]], list[str] | None]:
@@ -187,8 +240,8 @@ def read_filelist(path: Path) -> tuple[list[tuple[str, int | None]], list[str] |
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mimkit shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=["imagefolder", "filelist"])
-    parser.add_argument("source", type=Path, help="ImageFolder root, or the file list")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("source", type=Path, help="ImageFolder root (or a flat folder: unlabelled), or the file list")
+    parser.add_argument("--out", required=True, help="a local folder or an fsspec URL (s3://bucket/set)")
     parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard (at most)")
     parser.add_argument("--maxsize", type=int, default=1_000_000_000, help="bytes per shard (about)")
     parser.add_argument("--prefix", default="shard")
@@ -210,13 +263,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         rows2, classes = read_filelist(args.source)
         items = [(p, lab, p) for p, lab in rows2]
+    if not items:
+        print(f"mimkit shards: no images in {args.source} (extensions {' '.join(IMAGE_EXTENSIONS)})",
+              file=sys.stderr)
+        return 2
     if not args.no_shuffle:
         random.Random(args.seed).shuffle(items)
     result = write_shards(items, args.out, args.maxcount, args.maxsize, args.prefix, classes,
                           metadata=not args.no_json, workers=args.workers, total=len(items))
-    print(f"wrote {result['written']} samples in {len(result['sizes'])} shards to {args.out}")
+    labelled = "unlabelled" if classes is None else f"{len(classes)} classes"
+    print(f"wrote {result['written']} samples ({labelled}) in {len(result['sizes'])} shards to {args.out}")
     if result["skipped"]:
         first = "; ".join(f"{n} ({e})" for n, e in result["skipped"][:5])
         print(f"skipped {len(result['skipped'])} undecodable image(s): {first}"
               + (" ..." if len(result["skipped"]) > 5 else ""), file=sys.stderr)
-    return 0
+    return 0 if result["written"] else 1

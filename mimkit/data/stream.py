@@ -23,20 +23,27 @@ checkpoint and resuming must be cheap and identical on every rank. This reader g
 Measured (bench/data.py, BENCHMARKS.md): reading tars with `tarfile` costs well under 5 % of the decode
 and transform time, so owning the reader costs no throughput.
 
-Skipped samples are reported by a rate-limited warning in the worker (never a sleep) and their count
-travels with each batch as `batch["skipped"]` (0-d long tensor); `StreamLoader.skipped` keeps the total.
+Shards are found and read by `mimkit.data.sources` (local, `.tar.gz`, `pipe:`, fsspec URLs; fast-forward
+skims headers of local uncompressed tars only, streams are read through). A pipe or URL shard that fails
+is read again `RETRY_AFTER` shards later, at most `shard_retries` times (the samples it gave before failing
+come again). The position stays a function of the batch index as long as the data fails the same way:
+a transient failure makes the stream after it differ from an uninterrupted run's.
+
+Skipped samples (and failed shards) are reported by a rate-limited warning in the worker (never a sleep)
+and their counts travel with each batch: `batch["skipped"]` (0-d long tensor, the total) and
+`batch["skipped_by"]` (one count per `SKIP_REASONS` entry); `StreamLoader.skipped` / `.skipped_by` keep
+this process's totals, `skip_totals` sums them over ranks for a run's closing record.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
+import dataclasses
 import io
 import logging
 import math
 import os
 import random
-import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,30 +54,37 @@ import torch
 from PIL import Image
 
 from mimkit.data.masking import MaskSource
+from mimkit.data.sources import (
+    DECODE_ERRORS, SKIP_REASONS, BadLabel, LabelReader, MemberRef, expand_shards, find_classes, image_key, is_local_tar,
+    read_shard, read_sizes, skip_key,
+)
 from mimkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, SecondView, build_transform
 from mimkit.distributed.lifetime import worker_init_dies_with_parent
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
-# What a corrupt image raises in PIL; anything else is a bug and propagates.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+DEFAULT_BATCHES_PER_EPOCH = 1000  # when neither data.num_samples nor sizes.json tells the epoch length
+RETRY_AFTER = 4  # a failed stream (pipe, URL) is read again after this many further shards
 
 
 @dataclass
 class DataConfig:
     """The `data` section of a pretraining config (OmegaConf structured)."""
 
-    shards: str = ""  # brace patterns / files / folders of .tar; several sources joined by "::"
+    shards: str = ""  # brace patterns over .tar / .tar.gz / .tgz files, folders, pipe:COMMAND, fsspec URLs (s3://, gs://, https://); sources joined by "::"
     weights: Optional[list[float]] = None  # one per "::" source; None: proportional to shard counts
     batch_size: int = 64  # per rank
     num_workers: int = 4
-    batches_per_epoch: int = 1000  # per rank, fixed: every rank yields exactly this many
+    batches_per_epoch: int = 0  # per rank, fixed: every rank yields exactly this many; 0: num_samples / (batch_size x ranks)
+    num_samples: int = 0  # samples in one epoch over all shards; 0: from sizes.json beside the shards (else 1000 batches)
+    shard_retries: int = 2  # a pipe / URL shard that fails is read again later in the epoch, at most this often
     seed: int = 0
     shuffle_buffer: int = 1000  # samples held per worker
     resample: str = "passes"  # "passes" (disjoint slots within a pass) | "replacement"
     mode: str = "worker"  # "worker": full transform in workers | "device": uint8 + DeviceTransform
-    require_label: bool = False  # skip samples without .cls (else label -1)
+    labels: bool = False  # read labels into batch["label"] (pretraining needs none: -1, nothing parsed)
+    require_label: bool = False  # skip samples without a label (implies labels)
+    classes: str = ""  # class-name labels: a classes file (JSON list / object, or one name a line); "": classes.json beside the shards
     image_size: int = 224
     interpolation: str = "bicubic"
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
@@ -99,31 +113,6 @@ def transform_options(cfg: DataConfig, second_view: SecondView | None = None) ->
 
 
 # ----------------------------------------------------------------------------------------- shards
-
-
-def expand_shards(spec: str) -> list[list[str]]:
-    """"a-{000..009}.tar::dir/" -> one sorted list of existing .tar paths per "::" source."""
-    from braceexpand import braceexpand
-
-    sources = []
-    for part in [p.strip() for p in spec.split("::") if p.strip()]:
-        paths: list[str] = []
-        for pattern in braceexpand(part):
-            if os.path.isdir(pattern):
-                paths += sorted(glob.glob(os.path.join(pattern, "*.tar")))
-            elif any(c in pattern for c in "*?["):
-                paths += sorted(glob.glob(pattern))
-            else:
-                paths.append(pattern)
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} shard(s) of '{part}' not found, e.g. {missing[0]}")
-        if not paths:
-            raise FileNotFoundError(f"no shards match '{part}'")
-        sources.append(paths)
-    if not sources:
-        raise ValueError("data.shards is empty")
-    return sources
 
 
 def derive_seed(*parts: int) -> int:
@@ -159,76 +148,6 @@ def shard_sequence(
         yield shards[passes[j][1][pos]]
 
 
-@dataclass
-class MemberRef:
-    """Where a member's bytes are, when the stream only skims headers (fast-forward)."""
-
-    path: str
-    offset: int
-    size: int
-
-    def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            return f.read(self.size)
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """WebDataset convention: "dir/key.ext.more" -> ("dir/key", "ext.more")."""
-    folder, base = os.path.split(name)
-    key, dot, ext = base.partition(".")
-    return (os.path.join(folder, key) if folder else key), (ext.lower() if dot else "")
-
-
-def read_tar_samples(path: str, load: Callable[[], bool], on_skip: Callable[[str, str], None]) -> Iterator[dict]:
-    """Samples of one tar as {"__key__", "__shard__", ext: bytes | MemberRef}, in member order.
-
-    Members are only ever read into memory, never extracted. A member whose data runs past the end
-    of the file (truncated tar) ends the shard and drops the sample being assembled; the check uses
-    the header alone, so skimming (`load()` False) and reading agree on which samples exist.
-    """
-    try:
-        size = os.path.getsize(path)
-        tar = tarfile.open(path, mode="r:")
-    except (OSError, tarfile.TarError, EOFError) as err:
-        on_skip("unreadable shard", f"{path}: {err}")
-        return
-    current: dict | None = None
-    with tar:
-        while True:
-            try:
-                member = tar.next()
-            except (tarfile.TarError, OSError, EOFError) as err:
-                member, truncated = None, str(err)
-            else:
-                truncated = ""
-            if member is not None and member.isfile() and member.offset_data + member.size > size:
-                truncated = f"member {member.name} runs past the end of the file"
-            if member is None or truncated:
-                if truncated:
-                    on_skip("truncated tar", f"{path}: {truncated}")
-                if current is not None and not truncated:
-                    yield current
-                return
-            if not member.isfile():
-                continue
-            key, ext = split_member_name(member.name)
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key, "__shard__": path}
-            if load():
-                try:
-                    f = tar.extractfile(member)
-                    current[ext] = f.read() if f is not None else b""
-                except (tarfile.TarError, OSError, EOFError) as err:
-                    on_skip("truncated tar", f"{path}: {err}")
-                    return
-            else:
-                current[ext] = MemberRef(path, member.offset_data, member.size)
-
-
 def shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
     """Reservoir-style shuffle: fill `buffer_size`, then emit a random element per new one."""
     buffer: list[dict] = []
@@ -247,27 +166,30 @@ def shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> I
 
 
 class SkipCounter:
-    """Counts skipped samples by reason; warns for the first few, then at most every `interval_s`."""
+    """Counts skips by reason (`SKIP_REASONS`: samples, and shards that failed); warns for the first few,
+    then at most every `interval_s`."""
 
     def __init__(self, first: int = 5, interval_s: float = 60.0):
         self.counts: Counter[str] = Counter()
         self.first, self.interval_s = first, interval_s
         self._last = -math.inf
-        self._since_batch = 0
+        self._since_batch: Counter[str] = Counter()
 
     def __call__(self, reason: str, detail: str) -> None:
+        assert reason in SKIP_REASONS, reason
         self.counts[reason] += 1
-        self._since_batch += 1
+        self._since_batch[reason] += 1
         total = sum(self.counts.values())
         now = time.monotonic()
         if total <= self.first or now - self._last >= self.interval_s:
             self._last = now
-            log.warning("skipped sample (%s): %s [skipped so far: %s]", reason, detail, dict(self.counts))
+            log.warning("skipped (%s): %s [skipped so far: %s]", reason, detail, dict(self.counts))
 
-    def take(self) -> int:
-        """Skips since the last call (the count a batch carries)."""
-        n, self._since_batch = self._since_batch, 0
-        return n
+    def take(self) -> torch.Tensor:
+        """Skips since the last call, one count per `SKIP_REASONS` entry (what a batch carries)."""
+        out = torch.tensor([self._since_batch[r] for r in SKIP_REASONS], dtype=torch.long)
+        self._since_batch.clear()
+        return out
 
 
 # ----------------------------------------------------------------------------------------- batches
@@ -303,9 +225,10 @@ class EpochStream(torch.utils.data.IterableDataset):
     global batches start + j, start + j + W, ... (all from one logical worker's stream)."""
 
     def __init__(self, cfg: DataConfig, sources: list[list[str]], weights: list[float], transform: Callable,
-                 masks: MaskSource | None, rank: int, world_size: int, epoch: int, start: int):
+                 masks: MaskSource | None, rank: int, world_size: int, epoch: int, start: int,
+                 labels: LabelReader | None = None):
         super().__init__()
-        self.cfg, self.sources, self.weights = cfg, sources, weights
+        self.cfg, self.sources, self.weights, self.labels = cfg, sources, weights, labels
         self.transform, self.masks = transform, masks
         self.rank, self.world_size, self.epoch, self.start = rank, world_size, epoch, start
 
@@ -339,16 +262,35 @@ class WorkerStream:
         self.samples = shuffled(self._raw(shards), self.cfg.shuffle_buffer, shuffle_rng)
 
     def _raw(self, shards: Iterator[str]) -> Iterator[dict]:
-        """Samples of consecutive shards; gives up when many shards in a row hold no sample."""
+        """Samples of consecutive shards. A pipe or URL shard that fails (cannot be opened, dies
+        mid-stream) comes back `RETRY_AFTER` shards later, at most `shard_retries` times (its samples
+        before the failure are read again); gives up when many shards in a row hold no sample."""
         empty_run, limit = 0, max(50, 4 * sum(len(s) for s in self.e.sources))
-        for path in shards:
-            got = False
-            for sample in read_tar_samples(path, lambda: self.loading, self.skips):
-                got = True
-                yield sample
-            empty_run = 0 if got else empty_run + 1
-            if empty_run >= limit:
-                raise RuntimeError(f"{limit} shards in a row gave no sample (last: {path}); see warnings")
+        pending: list[tuple[int, str, int]] = []  # (due at shard count, path, attempt)
+        count = 0
+        for fresh in shards:
+            due = [p for p in pending if p[0] <= count]
+            pending = [p for p in pending if p[0] > count]
+            for _, path, attempt in due + [(count, fresh, 0)]:
+                reader = read_shard(path, lambda: self.loading, self.skips)
+                got = False
+                try:
+                    while True:
+                        try:
+                            sample = next(reader)
+                        except StopIteration as stop:
+                            failure = stop.value
+                            break
+                        got = True
+                        yield sample
+                finally:  # the epoch may end mid-shard: a pipe's command is ended now, not at collection
+                    reader.close()
+                count += 1
+                if failure is not None and not is_local_tar(path) and attempt < self.cfg.shard_retries:
+                    pending.append((count + RETRY_AFTER, path, attempt + 1))
+                empty_run = 0 if got else empty_run + 1
+                if empty_run >= limit:
+                    raise RuntimeError(f"{limit} shards in a row gave no sample (last: {path}); see warnings")
 
     def batches(self, local: int, global_indices: range) -> Iterator[dict]:
         B = self.cfg.batch_size
@@ -370,7 +312,8 @@ class WorkerStream:
         if self.e.masks is not None:  # on its own generator: the images do not depend on the mask source
             generator = torch.Generator().manual_seed(derive_seed(*self.seed_parts, _MASKS, local))
             batch.update(self.e.masks(len(good), generator))
-        batch["skipped"] = torch.tensor(self.skips.take(), dtype=torch.long)
+        by_reason = self.skips.take()
+        batch["skipped"], batch["skipped_by"] = by_reason.sum(), by_reason
         return batch
 
     def _rescue(self, local: int, needed: int) -> list[dict]:
@@ -382,7 +325,7 @@ class WorkerStream:
         budget = 100 * needed + 1000  # samples (or empty shards) tried before giving up
         while len(out) < needed and budget > 0:
             budget -= 1
-            for raw in read_tar_samples(flat[chooser.randrange(len(flat))], lambda: True, self.skips):
+            for raw in read_shard(flat[chooser.randrange(len(flat))], lambda: True, self.skips):
                 sample, budget = self._prepare(raw), budget - 1
                 if sample is not None:
                     out.append(sample)
@@ -396,21 +339,23 @@ class WorkerStream:
     def _prepare(self, raw: dict) -> dict | None:
         """Raw sample -> transformed dict, or None (skipped and counted)."""
         name = f"{raw['__shard__']}:{raw['__key__']}"
-        ext = next((k for k in IMAGE_KEYS if k in raw), None)
+        ext = image_key(raw)
         if ext is None:
             self.skips("missing image", name)
             return None
-        if self.cfg.require_label and "cls" not in raw:
-            self.skips("missing label", name)
-            return None
-        data = {k: (v.read() if isinstance(v, MemberRef) else v) for k, v in raw.items() if k in (ext, "cls")}
+        label = -1
+        if self.e.labels is not None:  # only a stage that asks for labels parses them
+            try:
+                found = self.e.labels({k: _bytes(raw[k]) for k in self.e.labels.keys() if k in raw})
+            except BadLabel as err:
+                self.skips("bad label", f"{name}: {err}")
+                return None
+            if found is None and self.cfg.require_label:
+                self.skips("missing label", name)
+                return None
+            label = -1 if found is None else found
         try:
-            label = int(data["cls"].decode().strip()) if "cls" in data else -1
-        except (UnicodeDecodeError, ValueError):
-            self.skips("bad label", name)
-            return None
-        try:
-            with Image.open(io.BytesIO(data[ext])) as img:
+            with Image.open(io.BytesIO(_bytes(raw[ext]))) as img:
                 sample = self.e.transform(img)
         except DECODE_ERRORS as err:
             self.skips("undecodable image", f"{name}: {type(err).__name__}: {err}")
@@ -419,6 +364,10 @@ class WorkerStream:
         if self.cfg.return_keys:
             sample["key"] = f"{os.path.basename(raw['__shard__'])}/{raw['__key__']}"
         return sample
+
+
+def _bytes(value: bytes | MemberRef) -> bytes:
+    return value.read() if isinstance(value, MemberRef) else value
 
 
 # ----------------------------------------------------------------------------------------- loader
@@ -436,8 +385,10 @@ class StreamLoader:
             raise ValueError(f"data.resample must be 'passes' or 'replacement', got '{cfg.resample}'")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.rank, self.world_size = rank, world_size
         self.sources = expand_shards(cfg.shards)
+        self.cfg = dataclasses.replace(cfg, batches_per_epoch=epoch_length(cfg, self.sources, world_size, rank))
+        self.labels = LabelReader(find_classes(self.sources, cfg.classes)) if cfg.labels or cfg.require_label else None
         weights = list(cfg.weights) if cfg.weights else [float(len(s)) for s in self.sources]
         if len(weights) != len(self.sources) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"data.weights needs {len(self.sources)} non-negative values, got {weights}")
@@ -448,24 +399,28 @@ class StreamLoader:
         self.device_transform = DeviceTransform(opts["mean"], opts["std"], opts["tok_mean"], opts["tok_std"],
                                                 color_jitter=cfg.color_jitter)
         self.epoch, self.batch, self.skipped = 0, 0, 0
+        self.skipped_by = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # this process, since the run began
 
     def __len__(self) -> int:
         return self.cfg.batches_per_epoch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.cfg.seed, "skipped": self.skipped}
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.cfg.seed, "skipped": self.skipped,
+                "skipped_by": dict(zip(SKIP_REASONS, self.skipped_by.tolist()))}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if int(state["seed"]) != self.cfg.seed:
             raise ValueError(f"data position was saved with seed {state['seed']}, config has {self.cfg.seed}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self.skipped = int(state.get("skipped", 0))
+        by = state.get("skipped_by", {})
+        self.skipped_by = torch.tensor([int(by.get(r, 0)) for r in SKIP_REASONS], dtype=torch.long)
 
     def __iter__(self) -> Iterator[dict]:
         if self.batch >= self.cfg.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
         dataset = EpochStream(self.cfg, self.sources, self.weights, self.transform, self.masks,
-                              self.rank, self.world_size, self.epoch, self.batch)
+                              self.rank, self.world_size, self.epoch, self.batch, self.labels)
         if self.cfg.num_workers > 0:
             batches: Any = torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
@@ -477,9 +432,29 @@ class StreamLoader:
         for batch in batches:
             self.batch += 1
             self.skipped += int(batch["skipped"])
+            self.skipped_by += batch["skipped_by"]
             yield batch
         if self.batch >= self.cfg.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
+
+
+def epoch_length(cfg: DataConfig, sources: list[list[str]], world_size: int, rank: int = 0) -> int:
+    """Batches per rank per epoch: `batches_per_epoch`, else `num_samples` (else the sizes.json files beside
+    the shards) over the global batch, else DEFAULT_BATCHES_PER_EPOCH; rank 0 says which it used."""
+    if cfg.batches_per_epoch > 0:
+        return cfg.batches_per_epoch
+    samples, origin = cfg.num_samples, "data.num_samples"
+    if samples <= 0:
+        samples, origin = (read_sizes(sources) or 0), "sizes.json beside the shards"
+    if samples > 0:
+        batches = max(1, samples // (cfg.batch_size * world_size))
+        why = f"{samples} samples ({origin}) / ({cfg.batch_size} x {world_size} ranks)"
+    else:
+        batches = DEFAULT_BATCHES_PER_EPOCH
+        why = "no data.batches_per_epoch, data.num_samples or sizes.json beside the shards: the default"
+    if rank == 0:
+        print(f"[data] epoch = {batches} batches per rank: {why}", flush=True)
+    return batches
 
 
 def build_stream(cfg: DataConfig, transform: Callable | None = None, rank: int = 0, world_size: int = 1,
@@ -492,3 +467,30 @@ def build_stream(cfg: DataConfig, transform: Callable | None = None, rank: int =
     if masks is not None and masks.needs_scores:
         raise ValueError("this mask source needs the targets' scores: the trainer draws it, not the stream")
     return StreamLoader(cfg, transform, rank, world_size, masks, second_view)
+
+
+# ----------------------------------------------------------------------------------------- skip metrics
+
+# The metric-window keys of skips (every batch carries all of them, zeros included, so every rank
+# all-reduces the same keys); a trainer passes them as `LoopConfig.totals` (summed over ranks, not averaged).
+SKIP_TOTALS = ("skipped_samples",) + tuple(skip_key(r) for r in SKIP_REASONS)
+
+
+def pop_skip_metrics(batch: dict) -> dict[str, int]:
+    """Take the skip counts out of a batch as window metrics: the total and one count per reason."""
+    total = int(batch.pop("skipped", 0))
+    by = batch.pop("skipped_by", None)
+    counts = by.tolist() if by is not None else [0] * len(SKIP_REASONS)
+    return {"skipped_samples": total, **{skip_key(r): int(n) for r, n in zip(SKIP_REASONS, counts)}}
+
+
+def skip_totals(stream: StreamLoader, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Collective: the skips of every rank since the run began (what the windows summed), for the closing
+    record: {"skipped_samples_total": n, "skipped_total_by_reason": {reason: n}}."""
+    import torch.distributed as dist
+
+    counts = stream.skipped_by.to(device=device, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    by = {r: int(n) for r, n in zip(SKIP_REASONS, counts.tolist())}
+    return {"skipped_samples_total": sum(by.values()), "skipped_total_by_reason": by}

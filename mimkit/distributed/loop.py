@@ -80,7 +80,7 @@ def _is_scalar(value: Any) -> bool:
 
 class WindowMeter:
     """Scalar metrics summed over the micro-batches since the last read; `read` averages them over
-    ranks and micro-batches, except the `totals` keys (counts such as skipped samples), which it sums.
+    ranks and micro-batches, except the `totals` keys (counts such as skipped samples), which it sums (ints).
     The all-reduce runs on `device` (the engine's), so it works on NCCL-only process groups."""
 
     def __init__(self, device: torch.device | str = "cpu", totals: Sequence[str] = ()) -> None:
@@ -102,7 +102,7 @@ class WindowMeter:
                 self.sums[key] += value
                 self.counts[key] += 1
 
-    def read(self) -> dict[str, float]:
+    def read(self) -> dict[str, float | int]:
         """Collective: every rank calls it at the same steps, with the same keys (the metrics a body
         returns do not depend on the rank). Means over ranks and micro-batches; resets the window."""
         keys = sorted(self.sums)
@@ -111,7 +111,7 @@ class WindowMeter:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(t)
         n = len(keys)
-        out = {k: t[i].item() if k in self.totals else t[i].item() / max(1.0, t[n + i].item())
+        out = {k: round(t[i].item()) if k in self.totals else t[i].item() / max(1.0, t[n + i].item())
                for i, k in enumerate(keys)}
         self.reset()
         return out
