@@ -1,70 +1,21 @@
 """Labelled images for classification: an ImageFolder (`train/<wnid>/*.JPEG`, `val/<wnid>/...`) or
-WebDataset-style tar shards (`.jpg` + `.cls`), both indexable so a sampler can split them exactly
-across processes; timm's transforms; a class-balanced label subset for few-label runs.
+WebDataset-style tar shards (`.jpg` + `.cls`, `mimkit.data.labelled.TarShardImages`), both indexable so a
+sampler can split them exactly across processes; timm's transforms; a class-balanced label subset for
+few-label runs.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from timm.data import create_transform
 from torchvision.datasets import ImageFolder
 
+from mimkit.data.labelled import TarShardImages
 from mimkit.finetune.config import AugmentConfig, DataConfig
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-class TarShardImages(torch.utils.data.Dataset):
-    """Random access into tar shards: one pass over the headers builds (shard, offset, size) per sample."""
-
-    def __init__(self, spec: str, transform: Optional[Callable] = None):
-        from mimkit.data.stream import expand_shards, split_member_name
-
-        self.shards = [p for source in expand_shards(spec) for p in source]
-        self.transform = transform
-        self.items: list[tuple[int, int, int]] = []  # (shard index, byte offset, size) of each image
-        self.targets: list[int] = []
-        for s, path in enumerate(self.shards):
-            samples: dict[str, dict] = {}
-            with tarfile.open(path) as tar:
-                for m in tar:
-                    if not m.isfile() or "." not in os.path.basename(m.name):
-                        continue
-                    key, ext = split_member_name(m.name)
-                    ext = ext.lower()
-                    if ext in IMAGE_EXTS:
-                        samples.setdefault(key, {})["image"] = (m.offset_data, m.size)
-                    elif ext == "cls":
-                        samples.setdefault(key, {})["cls"] = int(tar.extractfile(m).read().decode().strip())
-            for key, sample in samples.items():
-                if "image" in sample and "cls" in sample:  # a truncated shard leaves halves: skip them
-                    self.items.append((s, *sample["image"]))
-                    self.targets.append(sample["cls"])
-        self._files: dict[int, object] = {}  # per-worker open handles
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        s, offset, size = self.items[index]
-        if s not in self._files:
-            self._files[s] = open(self.shards[s], "rb")
-        f = self._files[s]
-        f.seek(offset)
-        image = Image.open(io.BytesIO(f.read(size))).convert("RGB")
-        return (self.transform(image) if self.transform else image), self.targets[index]
-
-    def __getstate__(self):  # handles do not travel to workers
-        state = dict(self.__dict__)
-        state["_files"] = {}
-        return state
 
 
 def build_transform(data: DataConfig, aug: AugmentConfig, img_size: int, train: bool) -> Callable:

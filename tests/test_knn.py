@@ -1,0 +1,146 @@
+"""k-NN monitoring (`mimkit.knn`): the weighted vote against a hand computation, the distributed
+evaluation (2 ranks, gloo) against one process through `mimkit knn` on an export, the CLI's one-line
+errors, and the accuracy rising during a short MAE pretraining with `knn.every` (2 DeepSpeed ranks)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mimkit_test_distributed as _helper  # tests/distributed.py, registered by conftest.py
+from mimkit.checkpoint.export_format import encoder_meta, pixel_norm, write_export
+from mimkit.config import ConfigError
+from mimkit.data.demo import make_demo_data
+from mimkit.knn import KnnConfig, check_knn_config, knn_class_scores, rank_slice, topk_correct
+from mimkit.models.vit import ViTConfig, VisionTransformer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_weighted_vote_equals_a_hand_computation():
+    # 2-D features: cosine similarity is the cosine of the angle between them.
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0], [2.0, 0.1]])
+    labels = torch.tensor([0, 1, 1, 2, 2])
+    query = torch.tensor([[1.0, 0.2], [-1.0, 0.1]])
+    T, k = 0.5, 3
+    scores = knn_class_scores(train, labels, query, num_classes=3, k=k, temperature=T)
+
+    # by hand, query 0 = (1, 0.2): cosines 0.9806 (#0, class 0), 0.1961 (#1), 0.8321 (#2, class 1),
+    # -0.9806 (#3), 0.9891 (#4, class 2) -> the 3 nearest are #4, #0, #2
+    n0 = math.hypot(1, 0.2)
+    c0, c2, c4 = 1 / n0, (1 + 0.2) / (n0 * math.sqrt(2)), (2 + 0.02) / (n0 * math.hypot(2, 0.1))
+    expected0 = [math.exp(c0 / T), math.exp(c2 / T), math.exp(c4 / T)]  # class 0, 1, 2
+    # query 1 = (-1, 0.1): cosines -0.995 (#0), 0.0995 (#1), -0.6333 (#2), 0.995 (#3, class 2), -0.9938 (#4)
+    # -> nearest #3 (class 2), #1 (class 1), #2 (class 1)
+    n1 = math.hypot(1, 0.1)
+    d1, d2, d3 = 0.1 / n1, (-1 + 0.1) / (n1 * math.sqrt(2)), 1 / n1
+    expected1 = [0.0, math.exp(d1 / T) + math.exp(d2 / T), math.exp(d3 / T)]
+    assert torch.allclose(scores, torch.tensor([expected0, expected1]), rtol=1e-5)
+    # query 0: class 2 wins (e^1.978 = 7.23 beats e^1.961 = 7.11); query 1: class 2 (e^1.99 = 7.3 > e^0.2 + e^-1.27 = 1.5)
+    assert scores.argmax(1).tolist() == [2, 2]
+    assert topk_correct(scores, torch.tensor([0, 2]), ks=(1, 2)) == [1, 2]  # query 0's class 0 is 2nd
+    # k larger than the train set: every train feature votes
+    assert knn_class_scores(train, labels, query, 3, k=50, temperature=T).sum(1).allclose(
+        torch.stack([(torch.nn.functional.normalize(q, dim=0) @ torch.nn.functional.normalize(train, dim=1).T / T)
+                     .exp().sum() for q in query]))
+
+
+def test_rank_slices_cover_each_index_once_with_equal_lengths():
+    for n, world in ((7, 2), (1, 2), (8, 4), (5, 3)):
+        slices = [rank_slice(n, r, world) for r in range(world)]
+        assert len({len(idx) for idx, _ in slices}) == 1
+        assert [i for idx, real in slices for i in idx[:real]] == list(range(n))
+
+
+def test_config_errors_name_the_key_and_value(tmp_path):
+    good = dict(train=str(tmp_path), val=str(tmp_path))
+    for change, words in (({"k": 0}, "knn.k=0"), ({"temperature": 0.0}, "knn.temperature=0.0"),
+                          ({"feature": "max"}, "knn.feature='max'"), ({"crop_pct": 1.5}, "knn.crop_pct=1.5"),
+                          ({"val": str(tmp_path / "nope")}, "knn.val="), ({"train": ""}, "knn.train is empty")):
+        with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(".", r"\.")):
+            check_knn_config(KnnConfig(**{**good, **change}))
+    with pytest.raises(ConfigError, match="knn.image_size=48: must be 0 or the encoder's input size 32"):
+        check_knn_config(KnnConfig(image_size=48, **good), encoder_size=32)
+    with pytest.raises(ConfigError, match="knn.feature='cls': needs an encoder with a class token"):
+        check_knn_config(KnnConfig(feature="cls", **good), has_cls=False)
+
+
+# ---- `mimkit knn` on an export: 1 process, 2 ranks, and the plain computation agree ------------------
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """21 train / 15 val images of 3 classes at 32 px (odd counts: the 2-rank slices need padding), and a
+    random tiny encoder's export."""
+    root = tmp_path_factory.mktemp("knn")
+    demo = make_demo_data(root / "data", num_classes=3, images_per_class=7, val_per_class=5, image_size=32,
+                          images_per_shard=8)
+    torch.manual_seed(0)
+    vit = ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, pos_embed="sincos", num_classes=0)
+    meta = encoder_meta(vit, pixel_norm([0.5] * 3, [0.25] * 3, 32, "bicubic"), method="mae", tokenizer=None, teacher=None)
+    export = write_export(root / "export", VisionTransformer(vit).state_dict(), meta)
+    return root, demo, export
+
+
+def expected_counts(export: Path, train: str, val: str, feature: str) -> list[int]:
+    """Top-1 / top-5 hits by the plain route: every image in one batch, one process."""
+    from mimkit.checkpoint.load import load_vit_export
+    from mimkit.data.labelled import eval_transform, labelled_images
+    from mimkit.knn import pooled_features
+
+    encoder, info = load_vit_export(export)
+    transform = eval_transform(32, info["mean"], info["std"])
+    sets = [labelled_images(spec, transform) for spec in (train, val)]
+    with torch.no_grad():
+        feats = [pooled_features(encoder.eval(), torch.stack([s[i][0] for i in range(len(s))]), feature) for s in sets]
+    labels = [torch.tensor(s.targets) for s in sets]
+    scores = knn_class_scores(feats[0], labels[0], feats[1], 3, k=20, temperature=0.07)
+    return topk_correct(scores, labels[1])
+
+
+@pytest.mark.parametrize("fmt,feature,ranks", [("imagefolder", "mean", (1, 2)), ("shards", "cls", (1,))])
+def test_mimkit_knn_on_an_export_equals_the_plain_computation(labelled, capsys, fmt, feature, ranks):
+    """Through the `mimkit` command, as a user runs it: in this process, and (ImageFolder) on 2 ranks."""
+    from mimkit.cli import main as mimkit_main
+
+    root, demo, export = labelled
+    if fmt == "imagefolder":
+        train, val = str(demo.imagefolder_train), str(demo.imagefolder_val)
+    else:
+        train, val = demo.train_shard_pattern, str(demo.val_shards_dir)
+    args = [str(export), "--train", train, "--val", val, "--feature", feature, "--num-workers", "0", "--batch-size", "4"]
+    one = root / f"one_{fmt}.json"
+    assert mimkit_main(["knn", *args, "--out", str(one)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(one.read_text())
+    assert (result["num_train"], result["num_val"], result["num_classes"]) == (21, 15, 3)
+    top1, top5 = expected_counts(export, train, val, feature)
+    assert result["knn_top1"] == pytest.approx(100 * top1 / 15) and result["knn_top5"] == 100.0
+    assert f"top-1 {result['knn_top1']:.2f} %" in printed
+    if 2 in ranks:
+        two = root / f"two_{fmt}.json"
+        proc = subprocess.run(_helper.torchrun_command("-m", ["mimkit", "knn", *args, "--out", str(two)]),
+                              env=_helper.dist_env(), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        assert proc.stdout.count("k-NN ") == 1  # rank 0 prints
+        assert json.loads(two.read_text())["knn_top1"] == result["knn_top1"]
+
+
+def test_mimkit_knn_errors_are_one_line(labelled):
+    root, demo, export = labelled
+    cases = [([str(export), "--train", str(demo.imagefolder_train), "--val", str(demo.imagefolder_val), "--k", "0"],
+              "--k=0: must be >= 1"),
+             ([str(export), "--train", str(demo.imagefolder_train), "--val", str(demo.val_shards_dir)],
+              "one is an ImageFolder, the other tar shards"),
+             ([str(root / "missing"), "--train", str(demo.imagefolder_train), "--val", str(demo.imagefolder_val)],
+              "no such file or folder")]
+    for args, words in cases:
+        proc = subprocess.run([sys.executable, "-m", "mimkit", "knn", *args], cwd=root, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
