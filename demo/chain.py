@@ -41,10 +41,10 @@ PRESETS = dict(tokenizer=CONFIGS / "tokenizers" / "demo_dvae_cpu.yaml", pretrain
                finetune=CONFIGS / "finetune" / "demo_cpu.yaml")
 
 
-def knn_overrides(data, steps: int) -> list[str]:
-    """Each pretraining's k-NN monitoring: at the start, every quarter and the end, on the demo's
-    ImageFolder (train images are the neighbours, val images are classified)."""
-    return [f"knn.every={max(1, steps // 4)}", f"knn.train={data.imagefolder_train}",
+def knn_overrides(data, every: int) -> list[str]:
+    """A pretraining's k-NN monitoring on the demo's ImageFolder (train images are the neighbours, val
+    images are classified) every `every` steps, at the start and at the end."""
+    return [f"knn.every={every}", f"knn.train={data.imagefolder_train}",
             f"knn.val={data.imagefolder_val}", "knn.num_workers=0"]
 
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         """Run one DeepSpeed stage into OUT/NAME unless its export exists; its folder."""
         run_dir = out / name
         if not is_export(run_dir / "export"):
-            knn = knn_overrides(data, steps) if module == "mimkit.pretrain" else []
+            knn = knn_overrides(data, max(1, steps // 4)) if module == "mimkit.pretrain" else []
             times[key] = run_stage(title, launcher(args.nproc, module) + [
                 "--config", str(PRESETS[key]), f"run.root={out}", f"run.name={name}", f"run.steps={steps}",
                 f"run.seed={args.seed}", f"data.shards={data.train_shard_pattern}", *extra, *knn], env)

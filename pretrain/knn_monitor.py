@@ -39,7 +39,8 @@ class KnnMonitor:
             self.evaluate(step)
 
     def evaluate(self, step: int) -> None:
-        result = self.evaluator(self.engine.module.encoder, self.engine.device, self.engine.dtype)
+        with self.engine.full_parameters():  # ZeRO-3: the encoder runs outside the engine's forward
+            result = self.evaluator(self.engine.module.encoder, self.engine.device, self.engine.dtype)
         self.logger.log(step, **result)
         if self.engine.rank == 0:
             self.write(f"[pretrain] step {step}: k-NN top-1 {result['knn_top1']:.2f} %, top-5 {result['knn_top5']:.2f} % "

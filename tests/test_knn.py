@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -131,16 +130,30 @@ def test_mimkit_knn_on_an_export_equals_the_plain_computation(labelled, capsys, 
         assert json.loads(two.read_text())["knn_top1"] == result["knn_top1"]
 
 
-def test_mimkit_knn_errors_are_one_line(labelled):
+def test_mimkit_knn_errors_are_one_line(labelled, capsys):
+    from mimkit.cli import main as mimkit_main
+
     root, demo, export = labelled
-    cases = [([str(export), "--train", str(demo.imagefolder_train), "--val", str(demo.imagefolder_val), "--k", "0"],
-              "--k=0: must be >= 1"),
-             ([str(export), "--train", str(demo.imagefolder_train), "--val", str(demo.val_shards_dir)],
-              "one is an ImageFolder, the other tar shards"),
-             ([str(root / "missing"), "--train", str(demo.imagefolder_train), "--val", str(demo.imagefolder_val)],
-              "no such file or folder")]
+    folders = ["--train", str(demo.imagefolder_train), "--val", str(demo.imagefolder_val)]
+    cases = [([str(export), *folders, "--k", "0"], "mimkit knn: --k=0: must be >= 1"),
+             ([str(export), *folders[:3], str(demo.val_shards_dir)], "one is an ImageFolder, the other tar shards"),
+             ([str(root / "missing"), *folders], "no such file or folder")]
     for args, words in cases:
-        proc = subprocess.run([sys.executable, "-m", "mimkit", "knn", *args], cwd=root, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
-        assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
+        assert mimkit_main(["knn", *args]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_pretrain_refuses_a_bad_knn_section_at_parse_time(tmp_path, capsys):
+    from mimkit.pretrain.trainer import parse_args
+
+    base = ["--config", str(ROOT / "configs" / "pretrain" / "mae_tiny_cpu.yaml"), "knn.every=10",
+            f"knn.train={tmp_path}", f"knn.val={tmp_path}"]
+    assert parse_args(base).knn.k == 20 and parse_args(base[:2]).knn.every == 0  # off by default
+    for extra, words in ((["knn.k=0"], "knn.k=0: must be >= 1"), (["knn.every=-1"], "knn.every=-1: must be >= 0"),
+                         (["knn.image_size=64"], "knn.image_size=64: must be 0 or the encoder's input size 32"),
+                         (["model.class_token=false", "model.global_pool=avg", "knn.feature=cls"],
+                          "knn.feature='cls': needs an encoder with a class token")):
+        with pytest.raises(SystemExit) as stop:
+            parse_args(base + extra)
+        assert stop.value.code == 2 and words in capsys.readouterr().err
