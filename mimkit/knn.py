@@ -219,6 +219,14 @@ def load_encoder(path: str, preset_name: str, image_size: int) -> tuple[torch.nn
                      "interpolation": "bicubic"}
 
 
+FLAG_HELP = {"train": "labelled images the neighbours come from: an ImageFolder folder or tar shards with .cls",
+             "val": "labelled images classified (the same format as --train)", "k": "neighbours",
+             "temperature": "votes weighted by exp(cosine / temperature)",
+             "feature": "mean (of the patch tokens) or cls", "image_size": "input size (0: the encoder's)",
+             "crop_pct": "resize to image_size / crop_pct, then centre crop", "batch_size": "images per forward",
+             "num_workers": "DataLoader workers"}
+
+
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -236,8 +244,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, Kn
     defaults = KnnConfig()
     for f in fields(KnnConfig):
         if f.name != "every":
-            parser.add_argument(_flag(f.name), type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
-                                required=f.name in ("train", "val"), help=f"(default: {getattr(defaults, f.name)!r})")
+            default = getattr(defaults, f.name)
+            parser.add_argument(_flag(f.name), type=type(default), default=default, required=f.name in ("train", "val"),
+                                help=f"{FLAG_HELP[f.name]}{'' if f.name in ('train', 'val') else f' (default: {default})'}")
     args = parser.parse_args(argv)
     return args, KnnConfig(**{f.name: getattr(args, f.name) for f in fields(KnnConfig) if f.name != "every"})
 
