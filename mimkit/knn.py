@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mimkit.config import ConfigError
+from mimkit.metrics import topk_correct
 
 FEATURES = ("mean", "cls")
 
@@ -93,13 +94,6 @@ def knn_class_scores(train_features: torch.Tensor, train_labels: torch.Tensor, q
         votes = torch.zeros(query.shape[0], num_classes, device=query.device)
         scores.append(votes.scatter_add_(1, train_labels[index], (sim / temperature).exp()))
     return torch.cat(scores) if scores else torch.zeros(0, num_classes, device=train.device)
-
-
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
-    """How many rows have their label among their top-k scores, for each k (k capped at the class count)."""
-    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
-    hits = ranked == labels[:, None]
-    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
 
 
 # ---- features ---------------------------------------------------------------------------------------
@@ -186,7 +180,8 @@ class KnnEvaluator:
         labels = self.val_labels[val_index[:real]].to(device)
         scores = knn_class_scores(train, self.train_labels.to(device), val[:real], self.num_classes,
                                   self.cfg.k, self.cfg.temperature)
-        counts = torch.tensor([*topk_correct(scores, labels), real], dtype=torch.float64, device=device)
+        hits = topk_correct(scores, labels, (1, 5))
+        counts = torch.tensor([hits[1], hits[5], real], dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(counts)
         top1, top5, total = counts.tolist()

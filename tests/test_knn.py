@@ -16,7 +16,8 @@ import mimkit_test_distributed as _helper  # tests/distributed.py, registered by
 from mimkit.checkpoint.export_format import encoder_meta, pixel_norm, write_export
 from mimkit.config import ConfigError
 from mimkit.data.demo import make_demo_data
-from mimkit.knn import KnnConfig, check_knn_config, knn_class_scores, rank_slice, topk_correct
+from mimkit.knn import KnnConfig, check_knn_config, knn_class_scores, rank_slice
+from mimkit.metrics import topk_correct
 from mimkit.models.vit import ViTConfig, VisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def test_weighted_vote_equals_a_hand_computation():
     assert torch.allclose(scores, torch.tensor([expected0, expected1]), rtol=1e-5)
     # query 0: class 2 wins (e^1.978 = 7.23 beats e^1.961 = 7.11); query 1: class 2 (e^1.99 = 7.3 > e^0.2 + e^-1.27 = 1.5)
     assert scores.argmax(1).tolist() == [2, 2]
-    assert topk_correct(scores, torch.tensor([0, 2]), ks=(1, 2)) == [1, 2]  # query 0's class 0 is 2nd
+    assert topk_correct(scores, torch.tensor([0, 2]), ks=(1, 2)) == {1: 1, 2: 2}  # query 0's class 0 is 2nd
     # k larger than the train set: every train feature votes
     assert knn_class_scores(train, labels, query, 3, k=50, temperature=T).sum(1).allclose(
         torch.stack([(torch.nn.functional.normalize(q, dim=0) @ torch.nn.functional.normalize(train, dim=1).T / T)
@@ -98,7 +99,8 @@ def expected_counts(export: Path, train: str, val: str, feature: str) -> list[in
         feats = [pooled_features(encoder.eval(), torch.stack([s[i][0] for i in range(len(s))]), feature) for s in sets]
     labels = [torch.tensor(s.targets) for s in sets]
     scores = knn_class_scores(feats[0], labels[0], feats[1], 3, k=20, temperature=0.07)
-    return topk_correct(scores, labels[1])
+    hits = topk_correct(scores, labels[1])
+    return [hits[1], hits[5]]
 
 
 @pytest.mark.parametrize("fmt,feature,ranks", [("imagefolder", "mean", (1, 2)), ("shards", "cls", (1,))])
