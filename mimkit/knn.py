@@ -136,20 +136,25 @@ class KnnEvaluator:
     """The two labelled sets, opened once; `__call__(encoder)` (collective) encodes and classifies."""
 
     def __init__(self, cfg: KnnConfig, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 interpolation: str = "bicubic"):
+                 interpolation: str = "bicubic", name: Callable[[str], str] = lambda f: f"knn.{f}"):
         from mimkit.data.labelled import eval_transform, labelled_images
 
         self.cfg = cfg
         transform = eval_transform(cfg.image_size or image_size, mean, std, cfg.crop_pct, interpolation)
-        self.train_set = labelled_images(cfg.train, transform)
-        self.val_set = labelled_images(cfg.val, transform)
-        for key, dataset in (("train", self.train_set), ("val", self.val_set)):
-            if len(dataset) == 0:
-                raise ConfigError(f"knn.{key}={getattr(cfg, key)!r} holds no labelled images")
+        sets = []
+        for key in ("train", "val"):
+            spec = getattr(cfg, key)
+            try:
+                sets.append(labelled_images(spec, transform))
+            except (OSError, ValueError) as err:  # no class folders, a missing or unreadable shard
+                raise ConfigError(f"{name(key)}={spec!r}: {err}") from None
+            if len(sets[-1]) == 0:
+                raise ConfigError(f"{name(key)}={spec!r} holds no labelled images")
+        self.train_set, self.val_set = sets
         train_classes = getattr(self.train_set, "class_to_idx", None)
         val_classes = getattr(self.val_set, "class_to_idx", None)
         if train_classes is not None and val_classes is not None and train_classes != val_classes:
-            raise ConfigError(f"knn.train and knn.val have different class folders: "
+            raise ConfigError(f"{name('train')} and {name('val')} have different class folders: "
                               f"{sorted(train_classes)} vs {sorted(val_classes)}")
         self.train_labels = torch.tensor(self.train_set.targets, dtype=torch.long)
         self.val_labels = torch.tensor(self.val_set.targets, dtype=torch.long)
@@ -265,7 +270,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         encoder, norm = load_encoder(args.checkpoint, args.preset, cfg.image_size)
         if cfg.feature == "cls" and encoder.cls_token is None:
             raise ConfigError(f"--feature=cls: {args.checkpoint} has no class token")
-        evaluator = KnnEvaluator(cfg, norm["image_size"], norm["mean"], norm["std"], norm["interpolation"] or "bicubic")
+        evaluator = KnnEvaluator(cfg, norm["image_size"], norm["mean"], norm["std"], norm["interpolation"] or "bicubic",
+                                 name=_flag)
     except (ConfigError, ValueError, FileNotFoundError) as err:  # a user's file or value: one line
         if rank == 0:
             print(f"mimkit knn: {err}", file=sys.stderr)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mimkit_test_distributed as _helper  # tests/distributed.py, registered by conftest.py
-from mimkit.checkpoint.export_format import encoder_meta, pixel_norm, write_export
+from mimkit.checkpoint.export_format import IMAGENET_MEAN, IMAGENET_STD, encoder_meta, pixel_norm, write_export
 from mimkit.config import ConfigError
 from mimkit.data.demo import make_demo_data
 from mimkit.knn import KnnConfig, check_knn_config, knn_class_scores, rank_slice
@@ -81,7 +81,9 @@ def labelled(tmp_path_factory):
                           images_per_shard=8)
     torch.manual_seed(0)
     vit = ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, pos_embed="sincos", num_classes=0)
-    meta = encoder_meta(vit, pixel_norm([0.5] * 3, [0.25] * 3, 32, "bicubic"), method="mae", tokenizer=None, teacher=None)
+    # ImageNet's normalisation, what a foreign checkpoint is read with: the same weights give the same result
+    meta = encoder_meta(vit, pixel_norm(list(IMAGENET_MEAN), list(IMAGENET_STD), 32, "bicubic"), method="mae",
+                        tokenizer=None, teacher=None)
     export = write_export(root / "export", VisionTransformer(vit).state_dict(), meta)
     return root, demo, export
 
@@ -132,14 +134,37 @@ def test_mimkit_knn_on_an_export_equals_the_plain_computation(labelled, capsys, 
         assert json.loads(two.read_text())["knn_top1"] == result["knn_top1"]
 
 
+def test_mimkit_knn_reads_a_foreign_checkpoint_with_a_preset(labelled, capsys):
+    """The export's weights as an official-style torch file ({"model": state}, learned positions, no
+    mimkit.json): `--preset` gives the architecture, and the result is the export's."""
+    from mimkit.cli import main as mimkit_main
+
+    root, demo, export = labelled
+    from safetensors.torch import load_file
+
+    foreign = root / "foreign.pth"
+    torch.save({"model": load_file(export / "model.safetensors"), "epoch": 3}, foreign)
+    sets = ["--train", str(demo.imagefolder_train), "--val", str(demo.imagefolder_val), "--num-workers", "0"]
+    results = []
+    for source in ([str(foreign), "--preset", "vit_tiny_cpu"], [str(export)]):
+        out = root / f"{Path(source[0]).stem}.json"
+        assert mimkit_main(["knn", *source, *sets, "--out", str(out)]) == 0
+        results.append(json.loads(out.read_text())["knn_top1"])
+    assert results[0] == results[1]
+    assert "stay at their init" not in capsys.readouterr().err  # every encoder tensor was in the file
+
+
 def test_mimkit_knn_errors_are_one_line(labelled, capsys):
     from mimkit.cli import main as mimkit_main
 
     root, demo, export = labelled
     folders = ["--train", str(demo.imagefolder_train), "--val", str(demo.imagefolder_val)]
+    empty = root / "no_classes"
+    empty.mkdir(exist_ok=True)
     cases = [([str(export), *folders, "--k", "0"], "mimkit knn: --k=0: must be >= 1"),
              ([str(export), *folders[:3], str(demo.val_shards_dir)], "one is an ImageFolder, the other tar shards"),
-             ([str(root / "missing"), *folders], "no such file or folder")]
+             ([str(root / "missing"), *folders], "no such file or folder"),
+             ([str(export), "--train", str(empty), "--val", str(empty)], f"--train={str(empty)!r}: ")]
     for args, words in cases:
         assert mimkit_main(["knn", *args]) == 2
         err = capsys.readouterr().err
