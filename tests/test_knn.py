@@ -1,6 +1,7 @@
-"""k-NN monitoring (`mimkit.knn`): the weighted vote against a hand computation, the distributed
-evaluation (2 ranks, gloo) against one process through `mimkit knn` on an export, the CLI's one-line
-errors, and the accuracy rising during a short MAE pretraining with `knn.every` (2 DeepSpeed ranks)."""
+"""k-NN monitoring (`mimkit.knn`): the weighted vote against a hand computation; `mimkit knn` on an export
+(1 process, and 2 ranks over gloo) against the plain computation, on a foreign checkpoint, and its one-line
+errors; pretrain's `knn` section refused at parse time. Elsewhere: the ZeRO-3 run in test_pretrain.py
+(its last k-NN equals its export's) and the demo MAE's k-NN rising in test_pretrain_value.py."""
 
 from __future__ import annotations
 
