@@ -1,4 +1,4 @@
-"""`mimkit` command: shards, export, demo, submit.
+"""`mimkit` command: shards, export, knn, demo, submit.
 
 Library sub-commands are modules with `main(argv) -> int`, imported and called. Applications (the demo)
 are separate programs: the library never imports them, so the command hands over to them by module name.
@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "shards": ("mimkit.data.shards", "write WebDataset tar shards from an ImageFolder or a file list"),
     "export": ("mimkit.checkpoint.export", "turn a ZeRO checkpoint into a plain export"),
+    "knn": ("mimkit.knn", "weighted k-NN accuracy of an export's (or a checkpoint's) features on labelled images"),
     "submit": ("mimkit.distributed.submit", "submit a stage to Slurm (or run locally) with submitit"),
 }
 PROGRAMS = {

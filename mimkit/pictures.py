@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -170,13 +170,19 @@ def save_codebook_usage(counts, path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
-def save_curves(metrics: Sequence[dict], keys: Sequence[str], path: str | os.PathLike, x_key: str = "step") -> Path:
-    """One panel per key against `x_key` (the record's index when absent); records lacking a key are skipped."""
+def save_curves(metrics: Sequence[dict] | Mapping[str, Sequence[dict]], keys: Sequence[str], path: str | os.PathLike,
+                x_key: str = "step") -> Path:
+    """One panel per key against `x_key` (the record's index when absent); records lacking a key are skipped.
+    `metrics` is one run's records, or {label: records} for one line per run (with a legend)."""
+    runs = metrics if isinstance(metrics, Mapping) else {"": metrics}
     fig, axes = plt.subplots(1, len(keys), figsize=(CURVE_INCHES[0] * len(keys), CURVE_INCHES[1]), dpi=DPI, squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        xs = [m.get(x_key, i) for i, m in enumerate(metrics) if key in m]
-        ys = [float(m[key]) for m in metrics if key in m]
-        ax.plot(xs, ys, lw=1)
+        for label, records in runs.items():
+            xs = [m.get(x_key, i) for i, m in enumerate(records) if key in m]
+            ys = [float(m[key]) for m in records if key in m]
+            ax.plot(xs, ys, lw=1, marker="o" if len(xs) <= 20 else None, ms=3, label=label or None)
+        if any(runs):
+            ax.legend(fontsize=7)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel(x_key, fontsize=8)
         ax.tick_params(labelsize=7)

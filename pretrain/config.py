@@ -1,4 +1,4 @@
-"""The `PretrainConfig` schema: run, data, model, engine, optim, debug, and the `method` section.
+"""The `PretrainConfig` schema: run, data, model, engine, optim, knn, debug, and the `method` section.
 
 `objective` picks the method from the table in `objectives.py`; `method` is validated against that
 method's own config dataclass (`resolve_method`, at parse time), so a run's config.yaml holds the
@@ -13,6 +13,7 @@ from typing import Any
 from mimkit.data.stream import DataConfig
 from mimkit.distributed.engine import EngineConfig
 from mimkit.distributed.loop import FaultConfig
+from mimkit.knn import KnnConfig
 from mimkit.models.vit import ViTConfig
 from mimkit.optim import OptimConfig
 
@@ -40,6 +41,7 @@ class PretrainConfig:
     model: ViTConfig = field(default_factory=ViTConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)  # k-NN accuracy of the encoder every knn.every steps (0: off)
     debug: FaultConfig = field(default_factory=FaultConfig)
 
 

@@ -32,6 +32,7 @@ from mimkit.distributed.loop import LoopConfig, Preempted, endless, train_loop
 from mimkit.distributed.preempt import PreemptionFlag
 from mimkit.optim import Schedule, param_groups
 from mimkit.pretrain.config import PretrainConfig
+from mimkit.pretrain.knn_monitor import KnnMonitor, check_knn_section
 from mimkit.pretrain.objective import Objective
 from mimkit.pretrain.objectives import build_objective, resolve_method
 from mimkit.runlog import MetricsLogger, make_run_dir, progress
@@ -126,6 +127,7 @@ def describe_run(cfg: PretrainConfig, engine: Engine, objective: Objective, sche
 
 def train(cfg: PretrainConfig) -> int:
     """Train (and export); returns 0, or REQUEUE_EXIT_CODE after a preemption save."""
+    knn = KnnMonitor(cfg)  # opens its labelled sets (if knn.every): before the engine starts
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     objective = build_objective(cfg)
     groups = param_groups(objective.model, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.model.depth)
@@ -155,11 +157,12 @@ def train(cfg: PretrainConfig) -> int:
                       totals=SKIP_TOTALS)
     logger = MetricsLogger(run_dir)
     bar = progress(total=cfg.run.steps, initial=step, desc=cfg.objective, unit="step")
+    knn.start(engine, logger, step, write=bar.write)  # a fresh run: the curve's starting point
     flag = PreemptionFlag().install()
     first = step
     try:
         step = train_loop(body, endless(stream), loop, step, rank=rank, device=engine.device, flag=flag,
-                          log=logger.log, bar=bar, hooks=[lambda s: body.picture(s, first)],
+                          log=logger.log, bar=bar, hooks=[lambda s: body.picture(s, first), knn],
                           on_window=lambda s, m: {"lr": body.lr, "skipped_steps": engine.skipped_steps})
         if body.saved_step != step and step > first:
             body.save(step)
@@ -191,7 +194,7 @@ def log_end(logger: MetricsLogger, engine: Engine, body: PretrainStep, step: int
 
 def parse_args(argv: list[str] | None = None, prog: str = "pretrain") -> PretrainConfig:
     """`--config FILE key=value ...` -> a PretrainConfig whose `method` is the objective's own section."""
-    return parse_cli(PretrainConfig, argv, prog=prog, finish=resolve_method,
+    return parse_cli(PretrainConfig, argv, prog=prog, finish=lambda cfg: check_knn_section(resolve_method(cfg)),
                      description="Masked image modeling pretraining (BEiT / PeCo / BEiT v2 / MILAN / MAE / EVA / SimMIM)")
 
 

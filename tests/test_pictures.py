@@ -87,6 +87,15 @@ def test_curves_png_size(tmp_path):
     assert _png(save_curves(metrics, ["loss", "lr"], tmp_path / "curves.png")).size == (600, 250)
 
 
+def test_curves_of_several_runs_draw_one_line_each(tmp_path):
+    runs = {"mae": [{"step": s, "knn_top1": 30 + s / 100} for s in (0, 250, 500)],
+            "beit": [{"step": s, "knn_top1": 40 - s / 100} for s in (0, 250, 500)] + [{"step": 500, "loss": 1.0}]}
+    image = _png(save_curves(runs, ["knn_top1"], tmp_path / "knn.png"))
+    assert image.size == (300, 250)
+    colours = {tuple(c) for c in np.asarray(image.convert("RGB")).reshape(-1, 3).tolist()}
+    assert {(31, 119, 180), (255, 127, 14)} <= colours  # matplotlib's first two line colours: one per run
+
+
 def test_attention_overlay_png_size(tmp_path):
     x = _images(2)
     attention = torch.rand(2, 16)

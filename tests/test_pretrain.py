@@ -152,14 +152,26 @@ def test_sigkill_on_one_rank_ends_the_run_and_resume_repeats_the_losses(assets, 
 
 
 def test_zero3_beitv2_trains_checkpoints_and_exports(assets):
+    demo = assets[2]
+    knn = {"knn.every": 3, "knn.train": demo.imagefolder_train, "knn.val": demo.imagefolder_val, "knn.num_workers": 0}
     launch(assets, "v2z3", objective="beitv2", **{"method.early_layer": 1, "engine.zero_stage": 3, "run.steps": 3,
-                                                  "run.save_every": 3, "run.export": True})
+                                                  "run.save_every": 3, "run.export": True, **knn})
     run_dir = assets[0] / "runs" / "v2z3"
     rec = [r for r in read_metrics(run_dir) if "loss" in r]
     assert len(rec) == 3 and {"loss_mim", "loss_cls_head", "mlm_acc", "mlm_acc_cls_head"} <= set(rec[-1])
     assert (run_dir / "checkpoints" / "step_00000003" / "complete.json").is_file()
     meta = json.loads((run_dir / "export" / "mimkit.json").read_text())
     assert meta["method"] == "beitv2" and meta["step"] == 3
+    # k-NN monitoring under ZeRO-3 (parameters gathered for it) at the start and the end; the last
+    # evaluation is the exported encoder's, evaluated here in one process
+    evaluations = {r["step"]: r["knn_top1"] for r in read_metrics(run_dir) if "knn_top1" in r}
+    assert sorted(evaluations) == [0, 3]
+    from mimkit.checkpoint.load import load_vit_export
+    from mimkit.knn import KnnConfig, KnnEvaluator
+
+    encoder, norm = load_vit_export(run_dir / "export")
+    cfg = KnnConfig(train=str(demo.imagefolder_train), val=str(demo.imagefolder_val), num_workers=0)
+    assert KnnEvaluator(cfg, 32, norm["mean"], norm["std"])(encoder)["knn_top1"] == evaluations[3]
 
 
 def test_a_pipe_failing_half_way_is_skipped_and_counted_on_both_ranks(assets):

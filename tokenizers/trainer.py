@@ -10,7 +10,6 @@ reconstructions. At the end: the tokenizer export (rank 0) and a check batch of 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -166,7 +165,7 @@ class TokenizerStep:
         every = self.cfg.run.picture_every
         if not every or (step % every and step != self.cfg.run.steps):
             return
-        with full_parameters(self.engine):
+        with self.engine.full_parameters():
             save_reconstruction_picture(self.engine.module.tokenizer, self.fixed, self.data_cfg,
                                         self.run_dir / "pictures" / f"recon_{step:08d}.png")
 
@@ -223,7 +222,7 @@ def train(cfg: TokenizerTrainConfig) -> Path:
                           on_window=lambda s, m: {"lr": body.lr, "skipped_steps": engine.skipped_steps})
         logger.log(step, samples=step * global_batch, skipped_steps=engine.skipped_steps,
                    **skip_totals(stream, engine.device), event="end")
-        with full_parameters(engine):
+        with engine.full_parameters():
             if engine.rank == 0:
                 write_export(cfg, engine.module.tokenizer, fixed, run_dir, step, step * global_batch, teacher, data_cfg)
     finally:
@@ -233,15 +232,6 @@ def train(cfg: TokenizerTrainConfig) -> Path:
     if dist.is_initialized() and engine.world_size > 1:
         dist.barrier()  # the export is on disk before any rank returns
     return run_dir
-
-
-def full_parameters(engine: Engine):
-    """Under ZeRO-3 every rank gathers the full parameters (collective); a no-op otherwise."""
-    if engine.cfg.zero_stage < 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
 def write_export(cfg: TokenizerTrainConfig, tok_module: nn.Module, fixed: torch.Tensor, run_dir: Path, step: int,

@@ -14,6 +14,7 @@ in a row raise :class:`NonFiniteError` on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -198,6 +199,15 @@ class Engine:
                     value = value.to(self.dtype)
             out[key] = value
         return out
+
+    def full_parameters(self) -> contextlib.AbstractContextManager:
+        """Under ZeRO-3 every rank gathers the full parameters for the block (collective: every rank
+        enters it), so the module can be run outside the engine's forward; a no-op otherwise."""
+        if self.cfg.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
     @property
     def param_groups(self) -> list[dict]:
