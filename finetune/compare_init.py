@@ -26,7 +26,7 @@ import statistics
 from pathlib import Path
 from typing import Iterator, Optional
 
-import mimkit.finetune.classification as classification
+import mimkit.finetune.encoder as encoder
 from mimkit.checkpoint.export_format import read_export_meta, vit_config_from_export
 from mimkit.config import load_config
 from mimkit.finetune.config import FinetuneConfig
@@ -51,12 +51,12 @@ def scratch_architecture(meta: Optional[dict]) -> Iterator[None]:
     if meta is None:
         yield
         return
-    original = classification.export_meta
-    classification.export_meta = lambda init: original(init) if init else meta
+    original = encoder.export_meta
+    encoder.export_meta = lambda init: original(init) if init else meta
     try:
         yield
     finally:
-        classification.export_meta = original
+        encoder.export_meta = original
 
 
 def parse_inits(specs: list[str]) -> dict[str, str]:
@@ -78,7 +78,7 @@ def scratch_arms(inits: dict[str, str], cfg: FinetuneConfig) -> tuple[dict[str, 
     arm_of: dict[str, str] = {}
     for name, path in inits.items():
         meta = scratch_meta(path)
-        network = json.dumps([dataclasses.asdict(classification.encoder_config(cfg, meta)),
+        network = json.dumps([dataclasses.asdict(encoder.encoder_config(cfg, meta)),
                               (meta or {}).get("pixel_norm")], sort_keys=True)
         if network not in network_to_arm:
             network_to_arm[network] = f"scratch_{name}"
