@@ -8,6 +8,8 @@
 5. pretrain   MILAN, the BEiT encoder standing in for CLIP as the teacher, exported;
 6. finetune   every export vs a from-scratch network of the same architecture on 10% of the labels, the
               same budget, two seeds;
+7. segment    the same comparison for semantic segmentation on the ADE20K-style folder (Segmenter's linear
+              head, a short budget), mIoU;
 then a results table and where the pictures are.
 
 Each stage runs as the command a user would type (printed before it runs), so the demo doubles as a
@@ -37,7 +39,7 @@ DEFAULTS = dict(images_per_class=200, val_per_class=200, tokenizer_steps=200, pr
                 milan_steps=200, finetune_epochs=50, finetune_seeds=(0, 1))
 PRESETS = dict(tokenizer=CONFIGS / "tokenizers" / "demo_dvae_cpu.yaml", pretrain=CONFIGS / "pretrain" / "demo_beit_cpu.yaml",
                mae=CONFIGS / "pretrain" / "demo_mae_cpu.yaml", milan=CONFIGS / "pretrain" / "demo_milan_cpu.yaml",
-               finetune=CONFIGS / "finetune" / "demo_cpu.yaml")
+               finetune=CONFIGS / "finetune" / "demo_cpu.yaml", segmentation=CONFIGS / "finetune" / "demo_seg_cpu.yaml")
 
 
 def run_stage(title: str, cmd: list[str], env: dict) -> float:
@@ -142,12 +144,23 @@ def main(argv: list[str] | None = None) -> int:
                                        "data.label_fraction=0.1",
                                        f"optim.epochs={args.finetune_epochs}"], env)
 
-    print_summary(out, tok_dir, beit_dir, mae_dir, milan_dir, comparison, times)
+    segmentation = out / "segmentation_comparison.json"
+    if not segmentation.exists():
+        inits = [f"{name}={folder / 'export'}" for name, folder in (("mae", mae_dir), ("beit", beit_dir), ("milan", milan_dir))
+                 if is_export(folder / "export")]
+        times["segment"] = run_stage("7. segment: each export vs scratch on the ADE20K-style folder",
+                                     [sys.executable, "-m", "mimkit.finetune.compare_init",
+                                      *[f"--init={init}" for init in inits],
+                                      "--seeds", *map(str, args.finetune_seeds),
+                                      "--config", str(PRESETS["segmentation"]),
+                                      f"run.root={out}", "run.name=segmentation", f"data.root={data.ade_root}"], env)
+
+    print_summary(out, tok_dir, beit_dir, mae_dir, milan_dir, comparison, times, segmentation)
     return 0
 
 
 def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan_dir: Path, comparison: Path,
-                  times: dict) -> None:
+                  times: dict, segmentation: Path | None = None) -> None:
     rows = json.loads(comparison.read_text())
     print("\n=== results")
     print(f"{'stage':<32}{'metric':<18}{'first':>10}{'last':>10}")
@@ -162,6 +175,8 @@ def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan
     from mimkit.finetune.compare_init import format_table  # here: it imports the trainer (accelerate, timm)
 
     print("\n" + format_table(rows))
+    if segmentation is not None and segmentation.exists():
+        print("\n" + format_table(json.loads(segmentation.read_text()), title="segmentation fine-tuning"))
     if times:
         print("\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("\nwhat was produced:")

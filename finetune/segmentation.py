@@ -64,6 +64,7 @@ class SegmentationOptions:
     eval_mode: str = "slide"  # slide | whole
     eval_stride: int = 341
     eval_flip: bool = False
+    val_images: int = 0  # > 0: evaluate on the first N validation images only (quick comparisons)
     class_names: Optional[list[str]] = None  # for the per-class table; None: class_0, class_1, ...
     pictures: int = 4  # val images drawn with ground truth and prediction (0: none)
 
@@ -165,7 +166,8 @@ class Segmentation:
         if len(train_loader) == 0:
             raise ValueError(f"{len(train)} training images give no batch of {cfg.data.batch_size}")
         # Each process evaluates every num_processes-th image; the counts are summed (seg_metrics.py).
-        share = torch.utils.data.Subset(val, range(accelerator.process_index, len(val), accelerator.num_processes))
+        count = min(len(val), opts.val_images) if opts.val_images > 0 else len(val)
+        share = torch.utils.data.Subset(val, range(accelerator.process_index, count, accelerator.num_processes))
         val_loader = torch.utils.data.DataLoader(share, batch_size=1, collate_fn=single, **workers)
         return train_loader, val_loader
 
