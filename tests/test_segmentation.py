@@ -133,6 +133,29 @@ def test_pyramid_blocks_and_strides():
     assert [tuple(m.shape) for m in maps] == [(2, 64, 32, 32), (2, 64, 16, 16), (2, 64, 8, 8), (2, 64, 4, 4)]
 
 
+def test_every_head_maps_any_image_size_to_logits_of_that_size():
+    from mimkit.finetune.segmentation import SegmentationModel, SegmentationOptions
+
+    for head in ("upernet", "linear", "mask_transformer"):
+        encoder = VisionTransformer(preset("vit_tiny_cpu", img_size=32))
+        opts = SegmentationOptions(head=head, crop_size=32, channels=16, aux_channels=8, mask_dim=32, mask_heads=4)
+        model = SegmentationModel(encoder, opts, num_classes=6)
+        out, aux = model(torch.randn(2, 3, 32, 32), with_aux=True)
+        (out.sum() + (aux.sum() if aux is not None else 0)).backward()
+        assert (aux is not None) == (head == "upernet") and out.shape[:2] == (2, 6)
+        assert all(p.grad is not None for p in model.parameters()), head  # DDP needs every parameter used
+        assert model.eval()(torch.randn(1, 3, 45, 27)).shape == (1, 6, 45, 27)
+
+
+def test_an_unknown_task_or_head_is_refused_naming_the_key(tmp_path):
+    from mimkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'task'.*'segmentaton'.*did you mean 'segmentation'"):
+        load_finetune_config(TINY, ["task=segmentaton"])
+    with pytest.raises(ValueError, match="options.head must be one of .* got 'uper'"):
+        check_config(load_finetune_config(TINY, ["options.head=uper"]))
+
+
 # ---- data --------------------------------------------------------------------------------------------
 def test_shards_hold_the_same_samples_as_the_folder(demo, tmp_path):
     pairs = ade_pairs(str(demo.ade_root), "val")
