@@ -8,6 +8,8 @@
 5. pretrain   MILAN, the BEiT encoder standing in for CLIP as the teacher, exported;
 6. finetune   every export vs a from-scratch network of the same architecture on 10% of the labels, the
               same budget, two seeds;
+7. segment    the same comparison for semantic segmentation on the ADE20K-style folder (Segmenter's linear
+              head, a short budget), mIoU;
 then a results table, where the pictures are, and one picture of each pretraining's k-NN accuracy
 (`knn_top1`, evaluated at the start, halfway and at the end on the demo's labelled ImageFolder).
 
@@ -38,7 +40,7 @@ DEFAULTS = dict(images_per_class=200, val_per_class=200, tokenizer_steps=200, pr
                 milan_steps=200, finetune_epochs=50, finetune_seeds=(0, 1))
 PRESETS = dict(tokenizer=CONFIGS / "tokenizers" / "demo_dvae_cpu.yaml", pretrain=CONFIGS / "pretrain" / "demo_beit_cpu.yaml",
                mae=CONFIGS / "pretrain" / "demo_mae_cpu.yaml", milan=CONFIGS / "pretrain" / "demo_milan_cpu.yaml",
-               finetune=CONFIGS / "finetune" / "demo_cpu.yaml")
+               finetune=CONFIGS / "finetune" / "demo_cpu.yaml", segmentation=CONFIGS / "finetune" / "demo_seg_cpu.yaml")
 
 
 def knn_overrides(data, every: int) -> list[str]:
@@ -149,29 +151,34 @@ def main(argv: list[str] | None = None) -> int:
         stage("milan", "5. pretrain: MILAN, the BEiT encoder as teacher", "mimkit.pretrain", "milan", args.milan_steps,
               f"data.seed={args.seed}", f"method.teacher.export={beit_dir / 'export'}")
 
+    inits = [f"--init={name}={folder / 'export'}" for name, folder in (("mae", mae_dir), ("beit", beit_dir), ("milan", milan_dir))
+             if is_export(folder / "export")]
+
+    def compare(key: str, title: str, preset: str, *extra: str) -> Path:
+        """Each export vs scratch (`compare_init`) into OUT/KEY_comparison.json unless it exists; that file."""
+        table = out / f"{key}_comparison.json"
+        if not table.exists():
+            times[key] = run_stage(title, [sys.executable, "-m", "mimkit.finetune.compare_init", *inits,
+                                           "--seeds", *map(str, args.finetune_seeds), "--config", str(PRESETS[preset]),
+                                           f"run.root={out}", f"run.name={key}", *extra], env)
+        return table
+
     comparison = out / "finetune_comparison.json"
     if comparison.exists() and "top1_runs" not in next(iter(json.loads(comparison.read_text()).values())):
         comparison.unlink()  # an older mimkit's one-seed table: fine-tune again
-    if not comparison.exists():
-        inits = [f"{name}={folder / 'export'}" for name, folder in (("mae", mae_dir), ("beit", beit_dir), ("milan", milan_dir))
-                 if is_export(folder / "export")]
-        times["finetune"] = run_stage("6. finetune: each export vs scratch, 10% of the labels",
-                                      [sys.executable, "-m", "mimkit.finetune.compare_init",
-                                       *[f"--init={init}" for init in inits],
-                                       "--seeds", *map(str, args.finetune_seeds),
-                                       "--config", str(PRESETS["finetune"]),
-                                       f"run.root={out}", "run.name=finetune",
-                                       f"data.root={data.imagefolder_train.parent}", f"data.num_classes={len(data.class_names)}",
-                                       "data.label_fraction=0.1",
-                                       f"optim.epochs={args.finetune_epochs}"], env)
+    compare("finetune", "6. finetune: each export vs scratch, 10% of the labels", "finetune",
+            f"data.root={data.imagefolder_train.parent}", f"data.num_classes={len(data.class_names)}",
+            "data.label_fraction=0.1", f"optim.epochs={args.finetune_epochs}")
+    segmentation = compare("segmentation", "7. segment: each export vs scratch on the ADE20K-style folder",
+                           "segmentation", f"data.root={data.ade_root}")
 
-    print_summary(out, tok_dir, beit_dir, mae_dir, milan_dir, comparison, times)
+    print_summary(out, tok_dir, beit_dir, mae_dir, milan_dir, comparison, times, segmentation)
     save_knn_curves(out, {"BEiT": beit_dir, "MAE": mae_dir, "MILAN": milan_dir})
     return 0
 
 
 def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan_dir: Path, comparison: Path,
-                  times: dict) -> None:
+                  times: dict, segmentation: Path | None = None) -> None:
     rows = json.loads(comparison.read_text())
     print("\n=== results")
     print(f"{'stage':<32}{'metric':<18}{'first':>10}{'last':>10}")
@@ -186,6 +193,8 @@ def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan
     from mimkit.finetune.compare_init import format_table  # here: it imports the trainer (accelerate, timm)
 
     print("\n" + format_table(rows))
+    if segmentation is not None and segmentation.exists():
+        print("\n" + format_table(json.loads(segmentation.read_text()), title="segmentation fine-tuning"))
     if times:
         print("\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("\nwhat was produced:")

@@ -17,7 +17,6 @@ from torchvision.datasets import ImageFolder
 from mimkit.data.labelled import TarShardImages
 from mimkit.finetune.config import AugmentConfig, DataConfig
 
-
 def build_transform(data: DataConfig, aug: AugmentConfig, img_size: int, train: bool) -> Callable:
     """timm's ImageNet transforms: RandomResizedCrop + flip + RandAugment + random erasing for training,
     resize + centre crop for evaluation."""

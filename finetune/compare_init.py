@@ -26,10 +26,9 @@ import statistics
 from pathlib import Path
 from typing import Iterator, Optional
 
-import mimkit.finetune.classification as classification
+import mimkit.finetune.encoder as encoder
 from mimkit.checkpoint.export_format import read_export_meta, vit_config_from_export
-from mimkit.config import load_config
-from mimkit.finetune.config import FinetuneConfig
+from mimkit.finetune.config import FinetuneConfig, load_finetune_config
 from mimkit.finetune.trainer import train
 
 
@@ -51,12 +50,12 @@ def scratch_architecture(meta: Optional[dict]) -> Iterator[None]:
     if meta is None:
         yield
         return
-    original = classification.export_meta
-    classification.export_meta = lambda init: original(init) if init else meta
+    original = encoder.export_meta
+    encoder.export_meta = lambda init: original(init) if init else meta
     try:
         yield
     finally:
-        classification.export_meta = original
+        encoder.export_meta = original
 
 
 def parse_inits(specs: list[str]) -> dict[str, str]:
@@ -78,7 +77,7 @@ def scratch_arms(inits: dict[str, str], cfg: FinetuneConfig) -> tuple[dict[str, 
     arm_of: dict[str, str] = {}
     for name, path in inits.items():
         meta = scratch_meta(path)
-        network = json.dumps([dataclasses.asdict(classification.encoder_config(cfg, meta)),
+        network = json.dumps([dataclasses.asdict(encoder.encoder_config(cfg, meta)),
                               (meta or {}).get("pixel_norm")], sort_keys=True)
         if network not in network_to_arm:
             network_to_arm[network] = f"scratch_{name}"
@@ -92,18 +91,23 @@ def scratch_arms(inits: dict[str, str], cfg: FinetuneConfig) -> tuple[dict[str, 
 
 
 def summarise(runs: list[dict]) -> dict:
-    top1 = [r["top1"] for r in runs]
-    return {"top1": round(statistics.fmean(top1), 2), "top1_std": round(statistics.pstdev(top1), 2),
-            "top1_runs": top1, "best_top1_runs": [r["best_top1"] for r in runs],
-            "top5": round(statistics.fmean(r["top5"] for r in runs), 2), "count": runs[0]["count"],
-            "train_images": runs[0]["train_images"], "steps": runs[0]["steps"], "epochs": runs[0]["epochs"]}
+    """Mean and spread over seeds of the task's primary metric (`metric`: top1, mIoU, ...)."""
+    m = runs[0].get("primary", "top1")
+    values = [r[m] for r in runs]
+    out = {"metric": m, m: round(statistics.fmean(values), 2), f"{m}_std": round(statistics.pstdev(values), 2),
+           f"{m}_runs": values, f"best_{m}_runs": [r[f"best_{m}"] for r in runs]}
+    for extra in ("top5", "mAcc", "aAcc"):
+        if extra in runs[0]:
+            out[extra] = round(statistics.fmean(r[extra] for r in runs), 2)
+    return out | {"count": runs[0]["count"], "train_images": runs[0]["train_images"], "steps": runs[0]["steps"],
+                  "epochs": runs[0]["epochs"]}
 
 
 def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tuple[str, ...] = ("finetune",),
             seeds: tuple[int, ...] = (0,), lrs: tuple[Optional[float], ...] = (None,)) -> dict:
     """{row name: summary} for every init and scratch arm (and mode); rows carry `vs` (their scratch arm),
     `lead` (points over it) and, with several lrs, `lr` (the best one) and `by_lr`."""
-    base = load_config(FinetuneConfig, config, overrides)
+    base = load_finetune_config(config, overrides)
     arms, arm_of = scratch_arms(inits, base)
     jobs = {name: (path, None) for name, path in inits.items()} | {arm: ("", meta) for arm, meta in arms.items()}
     rows = {}
@@ -114,7 +118,7 @@ def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tup
             for lr in lrs:
                 runs = []
                 for seed in seeds:
-                    cfg = load_config(FinetuneConfig, config, [*overrides, "run.resume=none"])
+                    cfg = load_finetune_config(config, [*overrides, "run.resume=none"])
                     cfg.mode, cfg.model.init, cfg.run.seed = mode, init, seed
                     if lr is not None:
                         cfg.optim.lr = lr
@@ -123,29 +127,32 @@ def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tup
                     with scratch_architecture(meta):
                         runs.append(train(cfg))
                 by_lr[lr] = summarise(runs)
-            best_lr = max(by_lr, key=lambda lr: by_lr[lr]["top1"])
+            m = next(iter(by_lr.values()))["metric"]
+            best_lr = max(by_lr, key=lambda lr: by_lr[lr][m])
             row = dict(by_lr[best_lr])
             if len(lrs) > 1:
                 row["lr"] = best_lr
-                row["by_lr"] = {f"{lr:g}": {"top1": s["top1"], "top1_std": s["top1_std"]} for lr, s in by_lr.items()}
+                row["by_lr"] = {f"{lr:g}": {m: s[m], f"{m}_std": s[f"{m}_std"]} for lr, s in by_lr.items()}
             rows[name + suffix] = row
         for name in inits:
             row, ref = rows[name + suffix], rows[arm_of[name] + suffix]
-            row["vs"], row["lead"] = arm_of[name] + suffix, round(row["top1"] - ref["top1"], 2)
+            row["vs"], row["lead"] = arm_of[name] + suffix, round(row[row["metric"]] - ref[ref["metric"]], 2)
     return rows
 
 
-def format_table(rows: dict) -> str:
+def format_table(rows: dict, title: str = "fine-tuning") -> str:
     any_row = next(iter(rows.values()))
-    seeds = len(any_row["top1_runs"])
-    lines = [f"fine-tuning on {any_row['train_images']} labelled images, {any_row['steps']} steps each, "
+    m = any_row.get("metric", "top1")
+    label = {"top1": "top-1"}.get(m, m)
+    seeds = len(any_row[f"{m}_runs"])
+    lines = [f"{title} on {any_row['train_images']} labelled images, {any_row['steps']} steps each, "
              f"{any_row['count']} val images, {seeds} seed(s)" + (" (mean +- sd)" if seeds > 1 else ""),
-             f"{'init':<24}{'top-1':>8}{'+-':>6}{'lead':>8}{'lr':>9}", "-" * 55]
+             f"{'init':<24}{label:>8}{'+-':>6}{'lead':>8}{'lr':>9}", "-" * 55]
     for name, r in rows.items():
         lead = f"{r['lead']:+.1f}" if "lead" in r else ""
         lr = f"{r['lr']:g}" if "lr" in r else ""
-        lines.append(f"{name:<24}{r['top1']:>8.1f}{r['top1_std']:>6.1f}{lead:>8}{lr:>9}")
-    lines.append("lead: top-1 points over the same network trained from scratch with the same budget")
+        lines.append(f"{name:<24}{r[m]:>8.1f}{r[f'{m}_std']:>6.1f}{lead:>8}{lr:>9}")
+    lines.append(f"lead: {label} points over the same network trained from scratch with the same budget")
     return "\n".join(lines)
 
 
@@ -163,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="also compare linear probes (frozen pretrained vs frozen random encoder)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # flags may follow the overrides
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    cfg = load_finetune_config(args.config, args.overrides)
     modes = ("finetune", "linprobe") if args.linprobe else ("finetune",)
     rows = compare(parse_inits(args.init), args.config, args.overrides, modes,
                    tuple(args.seeds or [cfg.run.seed]), tuple(args.lrs or [None]))
     out = Path(cfg.run.root) / f"{cfg.run.name}_comparison.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
-    print(format_table(rows))
+    print(format_table(rows, "fine-tuning" if cfg.task == "classification" else f"{cfg.task} fine-tuning"))
     print(f"written to {out}")
     return 0
 

@@ -1,9 +1,14 @@
-"""The `FinetuneConfig` schema: `finetune --config FILE [dotted.key=value ...]` (see configs/finetune/)."""
+"""The `FinetuneConfig` schema: `finetune --config FILE [dotted.key=value ...]` (see configs/finetune/).
+
+`task` picks the task from the table in `tasks.py` (classification, segmentation, ...); `options` is
+validated against that task's own config dataclass (`resolve_task`, at parse time), so a run's
+config.yaml holds the settings of its task only. The sections below are shared by every task.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from mimkit.distributed.loop import FaultConfig
 
@@ -31,8 +36,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    format: str = "imagefolder"  # imagefolder (ROOT/train/<wnid>/*.JPEG, ROOT/val/...) | shards (image + .cls / class-name .txt)
-    root: str = ""  # imagefolder: the folder holding train/ and val/
+    format: str = "imagefolder"  # imagefolder (ROOT/train/<wnid>/*.JPEG, ROOT/val/...) | shards (image + .cls / class-name .txt) | ade (segmentation)
+    root: str = ""  # imagefolder: the folder holding train/ and val/; ade: ADEChallengeData2016
     train_shards: str = ""  # shards: as pretraining's data.shards (brace patterns, folders, .tar.gz, pipe:, s3:// ...)
     val_shards: str = ""
     classes: str = ""  # class-name labels: a classes file (JSON list / object, one name a line); "": classes.json beside the shards
@@ -66,6 +71,9 @@ class AugmentConfig:
 class OptimConfig:
     epochs: int = 100
     warmup_epochs: float = 5.0
+    warmup_steps: int = 0  # > 0: warmup in steps, instead of warmup_epochs (iteration-based recipes)
+    schedule: str = "cosine"  # cosine | poly (lr decays as (1 - t)^poly_power to min_lr: mmsegmentation)
+    poly_power: float = 1.0
     lr: float = 4e-3  # the peak lr for `base_batch_size` samples (BEiT 4e-3, BEiT v2 5e-4, MAE 5e-4 x b/256)
     base_batch_size: int = 1024  # lr scales by batch_size / base_batch_size; 0: lr as given
     min_lr: float = 1e-6
@@ -78,6 +86,8 @@ class OptimConfig:
 
 @dataclass
 class FinetuneConfig:
+    task: str = "classification"  # classification | segmentation (finetune/tasks.py)
+    options: Any = None  # the task's own section (its dataclass in the task's file); None: its defaults
     mode: str = "finetune"  # finetune | linprobe (frozen encoder, BatchNorm without affine + linear)
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -92,3 +102,12 @@ class FinetuneConfig:
 
 
 MODES = ("finetune", "linprobe")
+SCHEDULES = ("cosine", "poly")
+
+
+def load_finetune_config(config_file=None, overrides=()) -> FinetuneConfig:
+    """`load_config` plus the task's `options` section (what `finetune --config ...` parses)."""
+    from mimkit.config import load_config
+    from mimkit.finetune.tasks import resolve_task
+
+    return resolve_task(load_config(FinetuneConfig, config_file, overrides))

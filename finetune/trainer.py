@@ -1,14 +1,15 @@
-"""The classification loop on accelerate: `accelerate launch finetune --config ...`, `python finetune ...`,
-or `torchrun --nproc_per_node N finetune ...`.
+"""The fine-tuning loop of every task on accelerate: `accelerate launch finetune --config ...`, `python
+finetune ...`, or `torchrun --nproc_per_node N finetune ...`.
 
-The setup (accelerator, classifier, loaders, optimizer, criterion, resume) lives here; the loop is the
-shared skeleton, :func:`mimkit.distributed.loop.train_loop`, running :class:`FinetuneStep`. Epochs map onto
+The task (`task:`, the table in `tasks.py`; the contract in `task.py`) brings the network, the loaders,
+the per-batch loss, the evaluation and its result files; this file knows no task by name. The setup
+(accelerator, optimizer with layer-wise decay, resume) lives here; the loop is the shared skeleton, :func:`mimkit.distributed.loop.train_loop`, running :class:`FinetuneStep`. Epochs map onto
 its steps: :class:`EpochBatches` feeds the batches of one epoch after another, and after-step hooks update
 the EMA and, at each epoch end (and the last step), evaluate (``eval_every``) and save (``run.save_every``).
 
 Batches are global and split across processes (``split_batches``), so a run on N processes steps through
 the same batches as on one. lr and weight decay follow a per-step warmup + cosine with each group's
-``lr_scale`` (layer-wise decay). The logged ``loss`` is the mean over processes and the steps of the log
+``lr_scale`` (layer-wise decay), or poly decay (``optim.schedule=poly``, segmentation). The logged ``loss`` is the mean over processes and the steps of the log
 window. Checkpoints are safetensors (weights) + a tensors-only optimizer file read back with
 ``weights_only=True`` + JSON + each process's RNG state, under ``RUN/checkpoints/epoch_XXXX`` with an atomic
 ``latest`` (:func:`mimkit.checkpoint.store.publish_latest`).
@@ -32,7 +33,7 @@ import json
 import os
 import pickle
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -40,21 +41,17 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 from mimkit.checkpoint.export_format import write_atomic
 from mimkit.checkpoint.store import CheckpointError, choose_checkpoint, publish_latest, rng_state, set_rng_state
 from mimkit.config import parse_cli, save_config
-from mimkit.distributed.lifetime import worker_init_dies_with_parent
 from mimkit.distributed.loop import LoopConfig, Preempted, train_loop
 from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
-from mimkit.finetune.class_data import build_dataset, build_transform, dataset_targets, label_subset
-from mimkit.finetune.classification import build_classifier
-from mimkit.finetune.config import MODES, FinetuneConfig
-from mimkit.finetune.metrics import evaluate
-from mimkit.optim import apply_schedule, cosine_schedule, param_groups, resolve_lr
+from mimkit.finetune.config import SCHEDULES, FinetuneConfig
+from mimkit.finetune.task import Task
+from mimkit.finetune.tasks import resolve_task, task_for
+from mimkit.optim import apply_schedule, cosine_schedule, param_groups, poly_schedule, resolve_lr
 from mimkit.runlog import MetricsLogger, make_run_dir, progress
 
 
@@ -68,54 +65,21 @@ class ResumeError(CheckpointError):
     """A fine-tuning checkpoint that cannot be resumed from (missing, or holding more than tensors)."""
 
 
-def check_config(cfg: FinetuneConfig) -> None:
-    """Settings the loop would trip over, refused before any work."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+def check_config(cfg: FinetuneConfig) -> Task:
+    """Settings the loop would trip over, refused before any work; the run's task (which checks its own)."""
+    resolve_task(cfg)
     for key, value, least in (("run.log_every", cfg.run.log_every, 1), ("run.save_every", cfg.run.save_every, 0),
                               ("eval_every", cfg.eval_every, 0), ("optim.epochs", cfg.optim.epochs, 1)):
         if value < least:
             raise ValueError(f"{key} must be >= {least}, got {value}")
-
-
-# ---- data ----------------------------------------------------------------------------------------
-def build_loaders(cfg: FinetuneConfig, img_size: int, num_processes: int):
-    if cfg.data.batch_size % num_processes or cfg.data.eval_batch_size % num_processes:
-        raise ValueError(f"data.batch_size and data.eval_batch_size are global: make them multiples of the "
-                         f"{num_processes} processes")
-    train = build_dataset(cfg.data, "train", build_transform(cfg.data, cfg.aug, img_size, train=True))
-    val = build_dataset(cfg.data, "val", build_transform(cfg.data, cfg.aug, img_size, train=False))
-    if cfg.data.label_fraction < 1.0:
-        train = torch.utils.data.Subset(train, label_subset(dataset_targets(train), cfg.data.label_fraction,
-                                                            cfg.run.seed))
-    generator = torch.Generator().manual_seed(cfg.run.seed)
-    train_loader = torch.utils.data.DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
-                                               num_workers=cfg.data.num_workers, generator=generator,
-                                               persistent_workers=cfg.data.num_workers > 0,
-                                               worker_init_fn=worker_init_dies_with_parent())
-    val_loader = torch.utils.data.DataLoader(val, batch_size=cfg.data.eval_batch_size, shuffle=False,
-                                             num_workers=cfg.data.num_workers,
-                                             worker_init_fn=worker_init_dies_with_parent())
-    if len(train_loader) == 0:
-        raise ValueError(f"{len(train)} training images give no batch of {cfg.data.batch_size}")
-    return train_loader, val_loader
-
-
-def build_criterion(cfg: FinetuneConfig) -> tuple[Optional[Mixup], torch.nn.Module]:
-    use_mix = cfg.mode == "finetune" and cfg.aug.enabled and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0)
-    if use_mix:  # mixup / cutmix produce soft targets that carry the label smoothing
-        mix = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mixup_prob,
-                    switch_prob=cfg.aug.mixup_switch_prob, label_smoothing=cfg.aug.smoothing,
-                    num_classes=cfg.data.num_classes)
-        return mix, SoftTargetCrossEntropy()
-    if cfg.aug.smoothing > 0 and cfg.mode == "finetune":
-        return None, LabelSmoothingCrossEntropy(cfg.aug.smoothing)
-    return None, torch.nn.CrossEntropyLoss()
+    if cfg.optim.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.optim.schedule!r}")
+    return task_for(cfg.task).build(cfg)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, epoch: int, step: int, model, optimizer, ema,
-                    best: float, epoch_step: Optional[int] = None, steps_per_epoch: Optional[int] = None) -> Path:
+                    best: dict[str, float], epoch_step: Optional[int] = None, steps_per_epoch: Optional[int] = None) -> Path:
     """Collective: every process calls it. Each process writes its RNG state; the main process the weights
     (safetensors), the optimizer state (plain tensors), the EMA and the progress (JSON). ``latest`` names the
     checkpoint only once every process has written. ``epoch_step`` (batches of ``epoch`` already trained)
@@ -132,7 +96,7 @@ def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, epoch: int, step:
             save_file({k: v.detach().contiguous() for k, v in ema.module.state_dict().items()},
                       str(tag / "ema.safetensors"))
         torch.save(optimizer.state_dict(), tag / "optimizer.pt")
-        state = {"epoch": epoch, "step": step, "best_top1": best, "num_processes": accelerator.num_processes}
+        state = {"epoch": epoch, "step": step, "best": best, "num_processes": accelerator.num_processes}
         if mid:
             state.update(epoch_step=epoch_step, steps_per_epoch=steps_per_epoch)
         (tag / STATE).write_text(json.dumps(state))
@@ -189,7 +153,7 @@ class Progress:
     step: int = 0
     epoch: int = 0
     epoch_step: int = 0
-    best: float = 0.0
+    best: dict[str, float] = field(default_factory=dict)  # {primary metric: best value so far}
     rng: Optional[dict] = None
 
 
@@ -208,7 +172,8 @@ def resume_progress(tag: Optional[Path], accelerator: Accelerator, model, optimi
     mid = epoch_step < steps_per_epoch
     accelerator.print(f"resumed from {tag} (epoch {state['epoch']}, step {state['step']}"
                       + (f", batch {epoch_step} of {steps_per_epoch} in the epoch)" if mid else ")"))
-    return Progress(state["step"], state["epoch"], epoch_step, state["best_top1"], state["rng"])
+    best = state["best"] if "best" in state else {"top1": state["best_top1"]}  # before the task contract: top-1
+    return Progress(state["step"], state["epoch"], epoch_step, best, state["rng"])
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -237,6 +202,8 @@ class EpochBatches:
 
     def _rest_of_epoch(self) -> Iterator:
         self.loader.set_epoch(self.epoch)  # the epoch's shuffle: seed + epoch, the same after a resume
+        if hasattr(self.loader.dataset, "set_epoch"):  # seeded augmentation (accelerate skips it under a sampler)
+            self.loader.dataset.set_epoch(self.epoch)
         skip = self.epoch_step
         if not skip:
             self._put_back_rng()  # epoch start: where the uninterrupted run saved it
@@ -254,40 +221,41 @@ class EpochBatches:
 
 
 class FinetuneStep:
-    """The StepBody of fine-tuning, plus its after-step hooks (EMA, epoch end) and the run's best top-1."""
+    """The StepBody of fine-tuning, plus its after-step hooks (EMA, epoch end) and the run's best value of
+    the task's primary metric."""
 
-    def __init__(self, cfg: FinetuneConfig, accelerator: Accelerator, model, optimizer, ema, loaders,
+    def __init__(self, cfg: FinetuneConfig, task: Task, accelerator: Accelerator, model, optimizer, ema, loaders,
                  ckpt_root: Path, logger: MetricsLogger, start: Progress):
         self.cfg, self.accelerator, self.model, self.optimizer, self.ema = cfg, accelerator, model, optimizer, ema
+        self.task = task
         train_loader, self.val_loader = loaders
-        self.mixup, self.criterion = build_criterion(cfg)
         self.batches = EpochBatches(train_loader, accelerator, start)
         steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = cfg.optim.epochs * steps_per_epoch
         if cfg.optim.max_steps > 0:
             self.total_steps = min(self.total_steps, cfg.optim.max_steps)
-        self.warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
+        self.warmup = cfg.optim.warmup_steps or int(cfg.optim.warmup_epochs * steps_per_epoch)
         self.peak_lr = resolve_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.base_batch_size)
-        self.ckpt_root, self.logger, self.start_step, self.best = ckpt_root, logger, start.step, start.best
+        self.ckpt_root, self.logger, self.start_step = ckpt_root, logger, start.step
+        self.best = start.best.get(task.primary, float("-inf"))
         self.lr, self.metrics, self.saved_step, self.saved_tag = 0.0, {}, -1, None
 
     def begin_step(self, step: int) -> None:
-        self.lr = cosine_schedule(step, self.peak_lr, self.warmup, self.total_steps, self.cfg.optim.min_lr)
+        schedule = poly_schedule if self.cfg.optim.schedule == "poly" else cosine_schedule
+        extra = {"power": self.cfg.optim.poly_power} if self.cfg.optim.schedule == "poly" else {}
+        self.lr = schedule(step, self.peak_lr, self.warmup, self.total_steps, self.cfg.optim.min_lr, **extra)
         apply_schedule(self.optimizer, self.lr, self.cfg.optim.weight_decay)
 
     def micro_step(self, step: int, batch) -> dict[str, Any]:
-        images, targets = batch
-        if self.mixup is not None:
-            images, targets = self.mixup(images, targets)
         with self.accelerator.autocast():
-            loss = self.criterion(self.model(images).float(), targets)
-        loss = self.cfg.debug.poison(loss, step, self.accelerator.process_index)
+            out = self.task.loss(self.model, batch)
+        loss = self.cfg.debug.poison(out["loss"], step, self.accelerator.process_index)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         if self.cfg.optim.clip_grad:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
         self.optimizer.step()
-        return {"loss": loss.detach()}
+        return {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()} | {"loss": loss.detach()}
 
     def save(self, step: int) -> None:
         """An epoch-end checkpoint at an epoch's end or the last step, else a mid-epoch one (preemption).
@@ -297,7 +265,7 @@ class FinetuneStep:
         batches = self.batches
         whole = batches.at_epoch_end or step >= self.total_steps
         self.saved_tag = save_checkpoint(self.accelerator, self.ckpt_root, batches.epoch, step, self.model,
-                                         self.optimizer, self.ema, self.best,
+                                         self.optimizer, self.ema, {self.task.primary: self.best},
                                          epoch_step=None if whole else batches.epoch_step,
                                          steps_per_epoch=None if whole else batches.steps_per_epoch)
         self.saved_step = step
@@ -317,15 +285,15 @@ class FinetuneStep:
             self.save(step)
 
     def validate(self, step: int) -> dict[str, Any]:
-        metrics = evaluate(self.model, self.val_loader, self.accelerator)
+        metrics = self.task.evaluate(self.model, self.val_loader, self.accelerator)
         if self.ema is not None:
-            ema_metrics = evaluate(self.ema.module, self.val_loader, self.accelerator)
+            ema_metrics = self.task.evaluate(self.ema.module, self.val_loader, self.accelerator)
             metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
         self.model.train()  # evaluate left it in eval mode; the next step trains
-        self.best, self.metrics = max(self.best, metrics["top1"]), metrics
-        self.logger.log(step, epoch=self.batches.epoch, **{f"val_{k}": v for k, v in metrics.items()})
-        self.accelerator.print(f"epoch {self.batches.epoch}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
-                               f"({metrics['count']} images)")
+        self.best, self.metrics = max(self.best, metrics[self.task.primary]), metrics
+        self.logger.log(step, epoch=self.batches.epoch, **{f"val_{k}": v for k, v in metrics.items()
+                                                           if isinstance(v, (int, float))})
+        self.accelerator.print(f"epoch {self.batches.epoch}: {self.task.describe(metrics)}")
         return metrics
 
 
@@ -339,39 +307,39 @@ def make_accelerator(cfg: FinetuneConfig) -> Accelerator:
                        dataloader_config=loader_cfg)
 
 
-def build_step(cfg: FinetuneConfig, accelerator: Accelerator, run_dir: Path, resume_from: Optional[Path],
-               logger: MetricsLogger) -> FinetuneStep:
-    """Classifier, loaders, optimizer and EMA on the accelerator, checkpoint `resume_from` loaded."""
-    model, report, meta = build_classifier(cfg)
+def build_step(cfg: FinetuneConfig, task: Task, accelerator: Accelerator, run_dir: Path,
+               resume_from: Optional[Path], logger: MetricsLogger) -> FinetuneStep:
+    """The task's network and loaders, optimizer and EMA on the accelerator, checkpoint `resume_from` loaded."""
+    built = task.build_model()
+    model, encoder, report, meta = built.model, built.encoder, built.report, built.meta
     if report is not None and accelerator.is_main_process:
         print(report)
-    encoder = model.encoder if hasattr(model, "encoder") else model
     if meta is not None and cfg.data.mean == FinetuneConfig().data.mean and meta.get("pixel_norm", {}).get("mean"):
         cfg.data.mean, cfg.data.std = meta["pixel_norm"]["mean"], meta["pixel_norm"]["std"]  # the export's
-    train_loader, val_loader = build_loaders(cfg, encoder.cfg.img_size, accelerator.num_processes)
+    train_loader, val_loader = task.build_loaders(encoder.cfg.img_size, accelerator)
     layer_decay = cfg.optim.layer_decay if cfg.mode == "finetune" else None
     groups = param_groups(model, cfg.optim.weight_decay, layer_decay, num_layers=encoder.cfg.depth)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas))
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     # Built from the prepared model, so it lives on the accelerator's device (timm also puts its
     # stochastic-rounding generator on the device of the copy it makes here).
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema) if cfg.ema > 0 else None
     ckpt_root = run_dir / "checkpoints"
     start = resume_progress(resume_from, accelerator, model, optimizer, ema, len(train_loader))
     model.train()
-    return FinetuneStep(cfg, accelerator, model, optimizer, ema, (train_loader, val_loader), ckpt_root, logger, start)
+    return FinetuneStep(cfg, task, accelerator, model, optimizer, ema, (train_loader, val_loader), ckpt_root, logger, start)
 
 
 def train(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune (or probe); returns the final metrics, also written to RUN/results.json. After a preemption
     signal: saves a mid-epoch checkpoint on every process and raises :class:`Preempted` (exit code 75)."""
-    check_config(cfg)
+    task = check_config(cfg)
     # First thing: a warning signal during setup (model load, data index) must not kill the process either;
     # it is acted on at the first step boundary.
     flag = PreemptionFlag().install()
     preempted = False
     try:
-        return _train(cfg, flag)
+        return _train(cfg, task, flag)
     except Preempted:
         # Keep the handlers until the process exits: the launcher (torchrun / accelerate) SIGTERMs the
         # processes still running once the first one has exited 75; with the default action back, a peer
@@ -383,7 +351,7 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
             flag.uninstall()
 
 
-def _train(cfg: FinetuneConfig, flag: PreemptionFlag) -> dict[str, Any]:
+def _train(cfg: FinetuneConfig, task: Task, flag: PreemptionFlag) -> dict[str, Any]:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.run.seed)  # same init and same shuffles on every process and every process count
     run_dir = make_run_dir(cfg.run.root, cfg.run.name)
@@ -393,10 +361,12 @@ def _train(cfg: FinetuneConfig, flag: PreemptionFlag) -> dict[str, Any]:
     resume_from = find_resume(cfg, run_dir / "checkpoints")  # a wrong run.resume is refused before any loading
     logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=False)
     try:
-        body = build_step(cfg, accelerator, run_dir, resume_from, logger)
+        body = build_step(cfg, task, accelerator, run_dir, resume_from, logger)
         step = run_steps(body, flag, run_dir)
-        metrics = body.metrics or evaluate(body.model, body.val_loader, accelerator)  # resumed after the end
-        result = dict(metrics, best_top1=max(body.best, metrics["top1"]), steps=step, epochs=body.batches.epoch + 1,
+        metrics = body.metrics or task.evaluate(body.model, body.val_loader, accelerator)  # resumed after the end
+        task.write_results(body.model, body.val_loader, accelerator, run_dir, metrics)
+        best = {f"best_{task.primary}": max(body.best, metrics[task.primary])}
+        result = dict(metrics, **best, steps=step, epochs=body.batches.epoch + 1, task=cfg.task, primary=task.primary,
                       num_processes=accelerator.num_processes, mode=cfg.mode, init=cfg.model.init or "scratch",
                       train_images=len(body.batches.loader.dataset))
         if accelerator.is_main_process:
@@ -443,7 +413,8 @@ def mark_requeue(body: FinetuneStep, flag: PreemptionFlag, run_dir: Path, step: 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    cfg = parse_cli(FinetuneConfig, argv, prog="finetune", description="fine-tune or linearly probe a ViT")
+    cfg = parse_cli(FinetuneConfig, argv, prog="finetune", description="fine-tune or linearly probe a ViT",
+                    finish=resolve_task)
     try:
         result = train(cfg)
     except Preempted as stop:

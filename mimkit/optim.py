@@ -1,4 +1,4 @@
-"""Parameter groups (weight decay, layer-wise lr decay) and per-step warmup + cosine schedules.
+"""Parameter groups (weight decay, layer-wise lr decay) and per-step warmup + cosine (or poly) schedules.
 
 A stream has no length, so every schedule is a function of the optimizer step. Each parameter group
 carries ``lr_scale`` (layer-wise decay) and ``wd_scale`` (1 where weight decay applies, 0 where it
@@ -105,6 +105,17 @@ def cosine_schedule(step: int, base: float, warmup_steps: int, total_steps: int,
     span = max(1, total_steps - warmup_steps)
     t = min(1.0, (step - warmup_steps) / span)
     return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * t))
+
+
+def poly_schedule(step: int, base: float, warmup_steps: int, total_steps: int, final: float,
+                  power: float = 1.0) -> float:
+    """Linear warmup as :func:`cosine_schedule`, then ``(base - final) * (1 - t) ** power + final`` over
+    the steps after warmup (mmsegmentation's PolyLR, per iteration)."""
+    if step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    return final + (base - final) * (1.0 - t) ** power
 
 
 def apply_schedule(optimizer, lr: float, weight_decay: float | None = None) -> None:
