@@ -91,12 +91,26 @@ def scratch_arms(inits: dict[str, str], cfg: FinetuneConfig) -> tuple[dict[str, 
     return arms, arm_of
 
 
+# Run facts, not metrics: never averaged into a row.
+RUN_KEYS = ("count", "train_images", "steps", "epochs", "num_processes")
+
+
+def primary_metric(result: dict) -> str:
+    """The metric a run is ranked by: its results carry best_<primary> (top1, bbox_AP, ...)."""
+    return next(k.removeprefix("best_") for k in result if k.startswith("best_"))
+
+
 def summarise(runs: list[dict]) -> dict:
-    top1 = [r["top1"] for r in runs]
-    return {"top1": round(statistics.fmean(top1), 2), "top1_std": round(statistics.pstdev(top1), 2),
-            "top1_runs": top1, "best_top1_runs": [r["best_top1"] for r in runs],
-            "top5": round(statistics.fmean(r["top5"] for r in runs), 2), "count": runs[0]["count"],
-            "train_images": runs[0]["train_images"], "steps": runs[0]["steps"], "epochs": runs[0]["epochs"]}
+    """Mean over seeds of every metric (the primary with its spread and per-seed values) and the run facts."""
+    key = primary_metric(runs[0])
+    values = [r[key] for r in runs]
+    row = {"metric": key, key: round(statistics.fmean(values), 2), f"{key}_std": round(statistics.pstdev(values), 2),
+           f"{key}_runs": values, f"best_{key}_runs": [r[f"best_{key}"] for r in runs]}
+    for name, value in runs[0].items():
+        if name not in row and name not in RUN_KEYS and not name.startswith("best_") \
+                and isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[name] = round(statistics.fmean(r[name] for r in runs), 2)
+    return row | {name: runs[0][name] for name in RUN_KEYS if name in runs[0]}
 
 
 def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tuple[str, ...] = ("finetune",),
@@ -123,29 +137,41 @@ def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tup
                     with scratch_architecture(meta):
                         runs.append(train(cfg))
                 by_lr[lr] = summarise(runs)
-            best_lr = max(by_lr, key=lambda lr: by_lr[lr]["top1"])
+            key = next(iter(by_lr.values()))["metric"]
+            best_lr = max(by_lr, key=lambda lr: by_lr[lr][key])
             row = dict(by_lr[best_lr])
             if len(lrs) > 1:
                 row["lr"] = best_lr
-                row["by_lr"] = {f"{lr:g}": {"top1": s["top1"], "top1_std": s["top1_std"]} for lr, s in by_lr.items()}
+                row["by_lr"] = {f"{lr:g}": {key: s[key], f"{key}_std": s[f"{key}_std"]} for lr, s in by_lr.items()}
             rows[name + suffix] = row
         for name in inits:
             row, ref = rows[name + suffix], rows[arm_of[name] + suffix]
-            row["vs"], row["lead"] = arm_of[name] + suffix, round(row["top1"] - ref["top1"], 2)
+            row["vs"], row["lead"] = arm_of[name] + suffix, round(row[row["metric"]] - ref[row["metric"]], 2)
     return rows
 
 
-def format_table(rows: dict) -> str:
+HEADINGS = {"top1": "top-1", "bbox_AP": "box AP", "segm_AP": "mask AP"}
+
+
+def format_table(rows: dict, columns: Optional[tuple[str, ...]] = None) -> str:
+    """The comparison as text: each metric of `columns` (default: the primary) with its lead over scratch."""
     any_row = next(iter(rows.values()))
-    seeds = len(any_row["top1_runs"])
+    key = any_row.get("metric", "top1")
+    columns = tuple(columns or (key,))
+    seeds = len(any_row[f"{key}_runs"])
     lines = [f"fine-tuning on {any_row['train_images']} labelled images, {any_row['steps']} steps each, "
-             f"{any_row['count']} val images, {seeds} seed(s)" + (" (mean +- sd)" if seeds > 1 else ""),
-             f"{'init':<24}{'top-1':>8}{'+-':>6}{'lead':>8}{'lr':>9}", "-" * 55]
+             f"{any_row['count']} val images, {seeds} seed(s)" + (" (mean +- sd)" if seeds > 1 else "")]
+    head = "".join(f"{HEADINGS.get(c, c):>9}" + (f"{'+-':>6}" if c == key else "") + f"{'lead':>7}" for c in columns)
+    lines += [f"{'init':<24}{head}{'lr':>9}", "-" * (33 + 16 * len(columns) + 6)]
     for name, r in rows.items():
-        lead = f"{r['lead']:+.1f}" if "lead" in r else ""
+        cells = ""
+        for c in columns:
+            lead = f"{r[c] - rows[r['vs']][c]:+.1f}" if "vs" in r else ""
+            cells += f"{r[c]:>9.1f}" + (f"{r[f'{key}_std']:>6.1f}" if c == key else "") + f"{lead:>7}"
         lr = f"{r['lr']:g}" if "lr" in r else ""
-        lines.append(f"{name:<24}{r['top1']:>8.1f}{r['top1_std']:>6.1f}{lead:>8}{lr:>9}")
-    lines.append("lead: top-1 points over the same network trained from scratch with the same budget")
+        lines.append(f"{name:<24}{cells}{lr:>9}")
+    names = ", ".join(HEADINGS.get(c, c) for c in columns)
+    lines.append(f"lead: {names} points over the same network trained from scratch with the same budget")
     return "\n".join(lines)
 
 
@@ -161,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="peak lrs to try; each arm is scored at its best (default: optim.lr)")
     parser.add_argument("--linprobe", action="store_true",
                         help="also compare linear probes (frozen pretrained vs frozen random encoder)")
+    parser.add_argument("--columns", nargs="+", default=None,
+                        help="metrics to tabulate with their leads (default: the task's primary, e.g. top1)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # flags may follow the overrides
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
@@ -170,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.run.root) / f"{cfg.run.name}_comparison.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
-    print(format_table(rows))
+    print(format_table(rows, args.columns))
     print(f"written to {out}")
     return 0
 

@@ -51,7 +51,7 @@ from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 from mimkit.finetune.config import SCHEDULES, FinetuneConfig
 from mimkit.finetune.task import Task
 from mimkit.finetune.tasks import resolve_task, task_for
-from mimkit.optim import apply_schedule, cosine_schedule, param_groups, poly_schedule, resolve_lr
+from mimkit.optim import apply_schedule, cosine_schedule, param_groups, poly_schedule, resolve_lr, step_schedule
 from mimkit.runlog import MetricsLogger, make_run_dir, progress
 
 
@@ -241,9 +241,10 @@ class FinetuneStep:
         self.lr, self.metrics, self.saved_step, self.saved_tag = 0.0, {}, -1, None
 
     def begin_step(self, step: int) -> None:
-        schedule = poly_schedule if self.cfg.optim.schedule == "poly" else cosine_schedule
-        extra = {"power": self.cfg.optim.poly_power} if self.cfg.optim.schedule == "poly" else {}
-        self.lr = schedule(step, self.peak_lr, self.warmup, self.total_steps, self.cfg.optim.min_lr, **extra)
+        optim = self.cfg.optim
+        schedule, extra = {"cosine": (cosine_schedule, {}), "poly": (poly_schedule, {"power": optim.poly_power}),
+                           "step": (step_schedule, {"milestones": optim.milestones, "gamma": optim.gamma})}[optim.schedule]
+        self.lr = schedule(step, self.peak_lr, self.warmup, self.total_steps, optim.min_lr, **extra)
         apply_schedule(self.optimizer, self.lr, self.cfg.optim.weight_decay)
 
     def micro_step(self, step: int, batch) -> dict[str, Any]:
