@@ -8,6 +8,8 @@
 5. pretrain   MILAN, the BEiT encoder standing in for CLIP as the teacher, exported;
 6. finetune   every export vs a from-scratch network of the same architecture on 10% of the labels, the
               same budget, two seeds;
+7. detect     a short ViTDet Mask R-CNN fine-tune on the COCO-style json for every export vs scratch,
+              box AP and mask AP (COCOeval) on the first val images;
 then a results table and where the pictures are.
 
 Each stage runs as the command a user would type (printed before it runs), so the demo doubles as a
@@ -34,10 +36,10 @@ CONFIGS = REPO / "configs"
 # pretraining help? (demo data)", for the trials behind these numbers.
 # 200 val images per class: at ~30 % top-1, 800 val images put the sampling noise near +-1.6 points.
 DEFAULTS = dict(images_per_class=200, val_per_class=200, tokenizer_steps=200, pretrain_steps=1000, mae_steps=1000,
-                milan_steps=200, finetune_epochs=50, finetune_seeds=(0, 1))
+                milan_steps=200, finetune_epochs=50, finetune_seeds=(0, 1), detect_steps=30, detect_val_images=100)
 PRESETS = dict(tokenizer=CONFIGS / "tokenizers" / "demo_dvae_cpu.yaml", pretrain=CONFIGS / "pretrain" / "demo_beit_cpu.yaml",
                mae=CONFIGS / "pretrain" / "demo_mae_cpu.yaml", milan=CONFIGS / "pretrain" / "demo_milan_cpu.yaml",
-               finetune=CONFIGS / "finetune" / "demo_cpu.yaml")
+               finetune=CONFIGS / "finetune" / "demo_cpu.yaml", detect=CONFIGS / "finetune" / "coco_maskrcnn_tiny_cpu.yaml")
 
 
 def run_stage(title: str, cmd: list[str], env: dict) -> float:
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, default=DEFAULTS["finetune_epochs"])
     parser.add_argument("--finetune-seeds", type=int, nargs="+", default=list(DEFAULTS["finetune_seeds"]),
                         help="fine-tuning seeds (each draws its own labelled subset); the table shows the mean")
+    parser.add_argument("--detect-steps", type=int, default=DEFAULTS["detect_steps"],
+                        help="detection fine-tuning steps per arm (0: skip detection)")
     parser.add_argument("--images-per-class", type=int, default=DEFAULTS["images_per_class"],
                         help="demo train images per class (10%% of them keep their labels for fine-tuning)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every training stage (the data stays seed 0)")
@@ -142,12 +146,26 @@ def main(argv: list[str] | None = None) -> int:
                                        "data.label_fraction=0.1",
                                        f"optim.epochs={args.finetune_epochs}"], env)
 
-    print_summary(out, tok_dir, beit_dir, mae_dir, milan_dir, comparison, times)
+    detection = out / "detect_comparison.json"
+    if args.detect_steps and not detection.exists():
+        inits = [f"{name}={folder / 'export'}" for name, folder in (("mae", mae_dir), ("beit", beit_dir), ("milan", milan_dir))
+                 if is_export(folder / "export")]
+        # one process with both cores: the heads' convolutions and RoIAlign are the cost
+        times["detect"] = run_stage("7. detect: ViTDet Mask R-CNN, each export vs scratch",
+                                    [sys.executable, "-m", "mimkit.finetune.compare_init",
+                                     *[f"--init={init}" for init in inits], "--columns", "bbox_AP", "segm_AP",
+                                     "--config", str(PRESETS["detect"]), f"run.root={out}", "run.name=detect",
+                                     f"data.root={data.coco_root}", "optim.epochs=1",
+                                     f"optim.max_steps={args.detect_steps}",
+                                     f"options.max_val_images={DEFAULTS['detect_val_images']}"],
+                                    env | {"OMP_NUM_THREADS": "2"})
+
+    print_summary(out, tok_dir, beit_dir, mae_dir, milan_dir, comparison, times, detection)
     return 0
 
 
 def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan_dir: Path, comparison: Path,
-                  times: dict) -> None:
+                  times: dict, detection: Path | None = None) -> None:
     rows = json.loads(comparison.read_text())
     print("\n=== results")
     print(f"{'stage':<32}{'metric':<18}{'first':>10}{'last':>10}")
@@ -162,6 +180,9 @@ def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan
     from mimkit.finetune.compare_init import format_table  # here: it imports the trainer (accelerate, timm)
 
     print("\n" + format_table(rows))
+    if detection is not None and detection.exists():
+        print("\ndetection (COCO-style demo json, Mask R-CNN):\n" + format_table(json.loads(detection.read_text()),
+                                                                               ("bbox_AP", "segm_AP")))
     if times:
         print("\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("\nwhat was produced:")
@@ -169,7 +190,8 @@ def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan
     print(f"  pretrained exports {beit_dir / 'export'}, {mae_dir / 'export'}, {milan_dir / 'export'}")
     print(f"  metrics            {out}/*/metrics.jsonl")
     print(f"  TensorBoard        tensorboard --logdir {out}")
-    for folder in (tok_dir / "pictures", beit_dir / "pictures", mae_dir / "pictures", milan_dir / "pictures"):
+    for folder in (tok_dir / "pictures", beit_dir / "pictures", mae_dir / "pictures", milan_dir / "pictures",
+                   *sorted(out.glob("detect_*/pictures"))):
         pictures = sorted(p.name for p in folder.glob("*.png"))
         if pictures:
             print(f"  pictures           {folder}: {', '.join(pictures[:6])}{' ...' if len(pictures) > 6 else ''}")

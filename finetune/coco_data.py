@@ -115,7 +115,7 @@ class CocoInstances(torch.utils.data.Dataset):
 
     def __init__(self, image_dir: str | os.PathLike, ann_file: str | os.PathLike, *, train: bool, size: int,
                  mean: Sequence[float], std: Sequence[float], scale_range: Sequence[float] = (0.1, 2.0),
-                 hflip: float = 0.5, keep_empty: bool = False, seed: int = 0):
+                 hflip: float = 0.5, keep_empty: bool = False, seed: int = 0, limit: int = 0):
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"no image folder at {self.image_dir}")
@@ -128,7 +128,7 @@ class CocoInstances(torch.utils.data.Dataset):
             ids = [i for i in ids if self._instances(i)]
         if not ids:
             raise ValueError(f"{ann_file}: no images" + (" with annotations" if train and not keep_empty else ""))
-        self.image_ids = ids
+        self.image_ids = ids[:limit] if limit > 0 else ids  # limit: the first images in id order (quick runs)
 
     def __len__(self) -> int:
         return len(self.image_ids)

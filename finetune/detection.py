@@ -55,6 +55,7 @@ class DetectionOptions:
     val_images: str = "val2017"
     val_annotations: str = "annotations/instances_val2017.json"
     keep_empty: bool = False  # keep training images without any (non-crowd) annotation
+    max_val_images: int = 0  # > 0: evaluate on the first N val images only (quick runs; COCOeval on those)
     scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])  # large-scale jitter, of model.img_size
     hflip: float = 0.5
     window_size: int = 14  # window attention (patches); 0: global attention everywhere
@@ -198,7 +199,8 @@ class Detection:
                               seed=cfg.run.seed, **jitter, **common)
         if train.categories != self.categories:
             raise ValueError(f"data.root={cfg.data.root}: the train and val annotation files list different categories")
-        self.val_set = CocoInstances(*self.layout.paths(cfg.data.root, "val"), train=False, **common)
+        self.val_set = CocoInstances(*self.layout.paths(cfg.data.root, "val"), train=False,
+                                     limit=opts.max_val_images, **common)
         # Workers are not persistent: each epoch's workers copy the dataset after set_epoch (seeded jitter).
         train_loader = torch.utils.data.DataLoader(
             train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
