@@ -23,6 +23,7 @@ bench: setup
 	$(PY) bench/pretrain_step.py
 	$(PY) bench/tokenizer_speed.py
 	$(PY) bench/milan_step.py --batch 4 --steps 3
+	OMP_NUM_THREADS=1 $(PY) bench/finetune.py --sizes tiny vit_b16 --batch-vit-b 2 --steps-vit-b 1
 
 clean:
 	rm -rf runs/demo .cache/demo

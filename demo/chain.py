@@ -8,7 +8,9 @@
 5. pretrain   MILAN, the BEiT encoder standing in for CLIP as the teacher, exported;
 6. finetune   every export vs a from-scratch network of the same architecture on 10% of the labels, the
               same budget, two seeds;
-7. detect     a short ViTDet Mask R-CNN fine-tune on the COCO-style json for every export vs scratch,
+7. segment    the same comparison for semantic segmentation on the ADE20K-style folder (Segmenter's linear
+              head, a short budget), mIoU;
+8. detect     a short ViTDet Mask R-CNN fine-tune on the COCO-style json for every export vs scratch,
               box AP and mask AP (COCOeval) on the first val images;
 then a results table and where the pictures are.
 
@@ -39,7 +41,8 @@ DEFAULTS = dict(images_per_class=200, val_per_class=200, tokenizer_steps=200, pr
                 milan_steps=200, finetune_epochs=50, finetune_seeds=(0, 1), detect_steps=30, detect_val_images=100)
 PRESETS = dict(tokenizer=CONFIGS / "tokenizers" / "demo_dvae_cpu.yaml", pretrain=CONFIGS / "pretrain" / "demo_beit_cpu.yaml",
                mae=CONFIGS / "pretrain" / "demo_mae_cpu.yaml", milan=CONFIGS / "pretrain" / "demo_milan_cpu.yaml",
-               finetune=CONFIGS / "finetune" / "demo_cpu.yaml", detect=CONFIGS / "finetune" / "coco_maskrcnn_tiny_cpu.yaml")
+               finetune=CONFIGS / "finetune" / "demo_cpu.yaml", segmentation=CONFIGS / "finetune" / "demo_seg_cpu.yaml",
+               detect=CONFIGS / "finetune" / "coco_maskrcnn_tiny_cpu.yaml")
 
 
 def run_stage(title: str, cmd: list[str], env: dict) -> float:
@@ -146,12 +149,23 @@ def main(argv: list[str] | None = None) -> int:
                                        "data.label_fraction=0.1",
                                        f"optim.epochs={args.finetune_epochs}"], env)
 
+    segmentation = out / "segmentation_comparison.json"
+    if not segmentation.exists():
+        inits = [f"{name}={folder / 'export'}" for name, folder in (("mae", mae_dir), ("beit", beit_dir), ("milan", milan_dir))
+                 if is_export(folder / "export")]
+        times["segment"] = run_stage("7. segment: each export vs scratch on the ADE20K-style folder",
+                                     [sys.executable, "-m", "mimkit.finetune.compare_init",
+                                      *[f"--init={init}" for init in inits],
+                                      "--seeds", *map(str, args.finetune_seeds),
+                                      "--config", str(PRESETS["segmentation"]),
+                                      f"run.root={out}", "run.name=segmentation", f"data.root={data.ade_root}"], env)
+
     detection = out / "detect_comparison.json"
     if args.detect_steps and not detection.exists():
         inits = [f"{name}={folder / 'export'}" for name, folder in (("mae", mae_dir), ("beit", beit_dir), ("milan", milan_dir))
                  if is_export(folder / "export")]
         # one process with both cores: the heads' convolutions and RoIAlign are the cost
-        times["detect"] = run_stage("7. detect: ViTDet Mask R-CNN, each export vs scratch",
+        times["detect"] = run_stage("8. detect: ViTDet Mask R-CNN, each export vs scratch",
                                     [sys.executable, "-m", "mimkit.finetune.compare_init",
                                      *[f"--init={init}" for init in inits], "--columns", "bbox_AP", "segm_AP",
                                      "--config", str(PRESETS["detect"]), f"run.root={out}", "run.name=detect",
@@ -160,12 +174,12 @@ def main(argv: list[str] | None = None) -> int:
                                      f"options.max_val_images={DEFAULTS['detect_val_images']}"],
                                     env | {"OMP_NUM_THREADS": "2"})
 
-    print_summary(out, tok_dir, beit_dir, mae_dir, milan_dir, comparison, times, detection)
+    print_summary(out, tok_dir, beit_dir, mae_dir, milan_dir, comparison, times, segmentation, detection)
     return 0
 
 
 def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan_dir: Path, comparison: Path,
-                  times: dict, detection: Path | None = None) -> None:
+                  times: dict, segmentation: Path | None = None, detection: Path | None = None) -> None:
     rows = json.loads(comparison.read_text())
     print("\n=== results")
     print(f"{'stage':<32}{'metric':<18}{'first':>10}{'last':>10}")
@@ -180,9 +194,11 @@ def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan
     from mimkit.finetune.compare_init import format_table  # here: it imports the trainer (accelerate, timm)
 
     print("\n" + format_table(rows))
+    if segmentation is not None and segmentation.exists():
+        print("\n" + format_table(json.loads(segmentation.read_text()), title="segmentation fine-tuning"))
     if detection is not None and detection.exists():
-        print("\ndetection (COCO-style demo json, Mask R-CNN):\n" + format_table(json.loads(detection.read_text()),
-                                                                               ("bbox_AP", "segm_AP")))
+        print("\n" + format_table(json.loads(detection.read_text()), title="detection fine-tuning",
+                                  columns=("bbox_AP", "segm_AP")))
     if times:
         print("\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("\nwhat was produced:")

@@ -21,50 +21,62 @@ from mimkit.finetune.config import AugmentConfig, DataConfig
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
-class TarShardImages(torch.utils.data.Dataset):
-    """Random access into tar shards: one pass over the headers builds (shard, offset, size) per sample."""
+class TarShardIndex:
+    """Random access into tar shards: one pass over the headers finds, per sample key, the (shard, byte
+    offset, size) of the members whose extensions are asked for; `read` returns a member's bytes. Members
+    are read, never extracted. Open handles stay per process (they do not travel to DataLoader workers)."""
 
-    def __init__(self, spec: str, transform: Optional[Callable] = None):
+    def __init__(self, spec: str, wanted: Callable[[str], bool]):
         from mimkit.data.stream import expand_shards, split_member_name
 
         self.shards = [p for source in expand_shards(spec) for p in source]
-        self.transform = transform
-        self.items: list[tuple[int, int, int]] = []  # (shard index, byte offset, size) of each image
-        self.targets: list[int] = []
+        self.samples: list[dict[str, tuple[int, int, int]]] = []  # per sample: {ext: (shard, offset, size)}
         for s, path in enumerate(self.shards):
-            samples: dict[str, dict] = {}
+            by_key: dict[str, dict] = {}
             with tarfile.open(path) as tar:
                 for m in tar:
                     if not m.isfile() or "." not in os.path.basename(m.name):
                         continue
                     key, ext = split_member_name(m.name)
-                    ext = ext.lower()
-                    if ext in IMAGE_EXTS:
-                        samples.setdefault(key, {})["image"] = (m.offset_data, m.size)
-                    elif ext == "cls":
-                        samples.setdefault(key, {})["cls"] = int(tar.extractfile(m).read().decode().strip())
-            for key, sample in samples.items():
-                if "image" in sample and "cls" in sample:  # a truncated shard leaves halves: skip them
-                    self.items.append((s, *sample["image"]))
-                    self.targets.append(sample["cls"])
-        self._files: dict[int, object] = {}  # per-worker open handles
+                    if wanted(ext):
+                        by_key.setdefault(key, {})[ext] = (s, m.offset_data, m.size)
+            self.samples += by_key.values()
+        self._files: dict[int, object] = {}
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        s, offset, size = self.items[index]
+    def read(self, member: tuple[int, int, int]) -> bytes:
+        s, offset, size = member
         if s not in self._files:
             self._files[s] = open(self.shards[s], "rb")
         f = self._files[s]
         f.seek(offset)
-        image = Image.open(io.BytesIO(f.read(size))).convert("RGB")
-        return (self.transform(image) if self.transform else image), self.targets[index]
+        return f.read(size)
 
     def __getstate__(self):  # handles do not travel to workers
         state = dict(self.__dict__)
         state["_files"] = {}
         return state
+
+
+class TarShardImages(torch.utils.data.Dataset):
+    """Labelled images (`.jpg` + `.cls`) in tar shards, by index."""
+
+    def __init__(self, spec: str, transform: Optional[Callable] = None):
+        self.index = TarShardIndex(spec, lambda ext: ext in IMAGE_EXTS or ext == "cls")
+        self.transform = transform
+        self.items: list[tuple[int, int, int]] = []  # the image member of each sample
+        self.targets: list[int] = []
+        for sample in self.index.samples:
+            image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            if image is not None and "cls" in sample:  # a truncated shard leaves halves: skip them
+                self.items.append(image)
+                self.targets.append(int(self.index.read(sample["cls"]).decode().strip()))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        image = Image.open(io.BytesIO(self.index.read(self.items[index]))).convert("RGB")
+        return (self.transform(image) if self.transform else image), self.targets[index]
 
 
 def build_transform(data: DataConfig, aug: AugmentConfig, img_size: int, train: bool) -> Callable:

@@ -28,8 +28,7 @@ from typing import Iterator, Optional
 
 import mimkit.finetune.encoder as encoder
 from mimkit.checkpoint.export_format import read_export_meta, vit_config_from_export
-from mimkit.config import load_config
-from mimkit.finetune.config import FinetuneConfig
+from mimkit.finetune.config import FinetuneConfig, load_finetune_config
 from mimkit.finetune.trainer import train
 
 
@@ -95,29 +94,25 @@ def scratch_arms(inits: dict[str, str], cfg: FinetuneConfig) -> tuple[dict[str, 
 RUN_KEYS = ("count", "train_images", "steps", "epochs", "num_processes")
 
 
-def primary_metric(result: dict) -> str:
-    """The metric a run is ranked by: its results carry best_<primary> (top1, bbox_AP, ...)."""
-    return next(k.removeprefix("best_") for k in result if k.startswith("best_"))
-
-
 def summarise(runs: list[dict]) -> dict:
-    """Mean over seeds of every metric (the primary with its spread and per-seed values) and the run facts."""
-    key = primary_metric(runs[0])
-    values = [r[key] for r in runs]
-    row = {"metric": key, key: round(statistics.fmean(values), 2), f"{key}_std": round(statistics.pstdev(values), 2),
-           f"{key}_runs": values, f"best_{key}_runs": [r[f"best_{key}"] for r in runs]}
+    """Mean over seeds of every metric (the task's primary, `metric`: top1, mIoU, bbox_AP, ..., with its spread
+    and per-seed values) and the run facts."""
+    m = runs[0].get("primary", "top1")
+    values = [r[m] for r in runs]
+    out = {"metric": m, m: round(statistics.fmean(values), 2), f"{m}_std": round(statistics.pstdev(values), 2),
+           f"{m}_runs": values, f"best_{m}_runs": [r[f"best_{m}"] for r in runs]}
     for name, value in runs[0].items():
-        if name not in row and name not in RUN_KEYS and not name.startswith("best_") \
+        if name not in out and name not in RUN_KEYS and not name.startswith("best_") \
                 and isinstance(value, (int, float)) and not isinstance(value, bool):
-            row[name] = round(statistics.fmean(r[name] for r in runs), 2)
-    return row | {name: runs[0][name] for name in RUN_KEYS if name in runs[0]}
+            out[name] = round(statistics.fmean(r[name] for r in runs), 2)
+    return out | {name: runs[0][name] for name in RUN_KEYS if name in runs[0]}
 
 
 def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tuple[str, ...] = ("finetune",),
             seeds: tuple[int, ...] = (0,), lrs: tuple[Optional[float], ...] = (None,)) -> dict:
     """{row name: summary} for every init and scratch arm (and mode); rows carry `vs` (their scratch arm),
     `lead` (points over it) and, with several lrs, `lr` (the best one) and `by_lr`."""
-    base = load_config(FinetuneConfig, config, overrides)
+    base = load_finetune_config(config, overrides)
     arms, arm_of = scratch_arms(inits, base)
     jobs = {name: (path, None) for name, path in inits.items()} | {arm: ("", meta) for arm, meta in arms.items()}
     rows = {}
@@ -128,7 +123,7 @@ def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tup
             for lr in lrs:
                 runs = []
                 for seed in seeds:
-                    cfg = load_config(FinetuneConfig, config, [*overrides, "run.resume=none"])
+                    cfg = load_finetune_config(config, [*overrides, "run.resume=none"])
                     cfg.mode, cfg.model.init, cfg.run.seed = mode, init, seed
                     if lr is not None:
                         cfg.optim.lr = lr
@@ -137,37 +132,37 @@ def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tup
                     with scratch_architecture(meta):
                         runs.append(train(cfg))
                 by_lr[lr] = summarise(runs)
-            key = next(iter(by_lr.values()))["metric"]
-            best_lr = max(by_lr, key=lambda lr: by_lr[lr][key])
+            m = next(iter(by_lr.values()))["metric"]
+            best_lr = max(by_lr, key=lambda lr: by_lr[lr][m])
             row = dict(by_lr[best_lr])
             if len(lrs) > 1:
                 row["lr"] = best_lr
-                row["by_lr"] = {f"{lr:g}": {key: s[key], f"{key}_std": s[f"{key}_std"]} for lr, s in by_lr.items()}
+                row["by_lr"] = {f"{lr:g}": {m: s[m], f"{m}_std": s[f"{m}_std"]} for lr, s in by_lr.items()}
             rows[name + suffix] = row
         for name in inits:
             row, ref = rows[name + suffix], rows[arm_of[name] + suffix]
-            row["vs"], row["lead"] = arm_of[name] + suffix, round(row[row["metric"]] - ref[row["metric"]], 2)
+            row["vs"], row["lead"] = arm_of[name] + suffix, round(row[row["metric"]] - ref[ref["metric"]], 2)
     return rows
 
 
 HEADINGS = {"top1": "top-1", "bbox_AP": "box AP", "segm_AP": "mask AP"}
 
 
-def format_table(rows: dict, columns: Optional[tuple[str, ...]] = None) -> str:
+def format_table(rows: dict, title: str = "fine-tuning", columns: Optional[tuple[str, ...]] = None) -> str:
     """The comparison as text: each metric of `columns` (default: the primary) with its lead over scratch."""
     any_row = next(iter(rows.values()))
-    key = any_row.get("metric", "top1")
-    columns = tuple(columns or (key,))
-    seeds = len(any_row[f"{key}_runs"])
-    lines = [f"fine-tuning on {any_row['train_images']} labelled images, {any_row['steps']} steps each, "
+    m = any_row.get("metric", "top1")
+    columns = tuple(columns or (m,))
+    seeds = len(any_row[f"{m}_runs"])
+    lines = [f"{title} on {any_row['train_images']} labelled images, {any_row['steps']} steps each, "
              f"{any_row['count']} val images, {seeds} seed(s)" + (" (mean +- sd)" if seeds > 1 else "")]
-    head = "".join(f"{HEADINGS.get(c, c):>9}" + (f"{'+-':>6}" if c == key else "") + f"{'lead':>7}" for c in columns)
+    head = "".join(f"{HEADINGS.get(c, c):>9}" + (f"{'+-':>6}" if c == m else "") + f"{'lead':>7}" for c in columns)
     lines += [f"{'init':<24}{head}{'lr':>9}", "-" * (33 + 16 * len(columns) + 6)]
     for name, r in rows.items():
         cells = ""
         for c in columns:
             lead = f"{r[c] - rows[r['vs']][c]:+.1f}" if "vs" in r else ""
-            cells += f"{r[c]:>9.1f}" + (f"{r[f'{key}_std']:>6.1f}" if c == key else "") + f"{lead:>7}"
+            cells += f"{r[c]:>9.1f}" + (f"{r[f'{m}_std']:>6.1f}" if c == m else "") + f"{lead:>7}"
         lr = f"{r['lr']:g}" if "lr" in r else ""
         lines.append(f"{name:<24}{cells}{lr:>9}")
     names = ", ".join(HEADINGS.get(c, c) for c in columns)
@@ -191,14 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="metrics to tabulate with their leads (default: the task's primary, e.g. top1)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # flags may follow the overrides
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    cfg = load_finetune_config(args.config, args.overrides)
     modes = ("finetune", "linprobe") if args.linprobe else ("finetune",)
     rows = compare(parse_inits(args.init), args.config, args.overrides, modes,
                    tuple(args.seeds or [cfg.run.seed]), tuple(args.lrs or [None]))
     out = Path(cfg.run.root) / f"{cfg.run.name}_comparison.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
-    print(format_table(rows, args.columns))
+    title = "fine-tuning" if cfg.task == "classification" else f"{cfg.task} fine-tuning"
+    print(format_table(rows, title, args.columns))
     print(f"written to {out}")
     return 0
 

@@ -5,10 +5,7 @@ when a run picks it.
 
 from __future__ import annotations
 
-import difflib
-import importlib
-
-from mimkit.config import ConfigError, load_section
+from mimkit.config import load_section, table_entry
 from mimkit.finetune.task import TaskSpec
 
 TASKS: dict[str, str] = {
@@ -19,12 +16,7 @@ TASKS: dict[str, str] = {
 
 
 def task_for(name: str) -> TaskSpec:
-    if name not in TASKS:
-        match = difflib.get_close_matches(name, TASKS, n=1)
-        hint = f" (did you mean '{match[0]}'?)" if match else ""
-        raise ConfigError(f"bad value for config key 'task': {name!r}{hint}; known: {sorted(TASKS)}")
-    module, attribute = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), attribute)
+    return table_entry(TASKS, name, "task")
 
 
 def resolve_task(cfg):

@@ -367,7 +367,7 @@ def _train(cfg: FinetuneConfig, task: Task, flag: PreemptionFlag) -> dict[str, A
         metrics = body.metrics or task.evaluate(body.model, body.val_loader, accelerator)  # resumed after the end
         task.write_results(body.model, body.val_loader, accelerator, run_dir, metrics)
         best = {f"best_{task.primary}": max(body.best, metrics[task.primary])}
-        result = dict(metrics, **best, steps=step, epochs=body.batches.epoch + 1, task=cfg.task,
+        result = dict(metrics, **best, steps=step, epochs=body.batches.epoch + 1, task=cfg.task, primary=task.primary,
                       num_processes=accelerator.num_processes, mode=cfg.mode, init=cfg.model.init or "scratch",
                       train_images=len(body.batches.loader.dataset))
         if accelerator.is_main_process:

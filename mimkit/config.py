@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -94,6 +95,17 @@ def load_config(schema: type[T], config_file: str | os.PathLike | None = None,
     except OmegaConfBaseException as err:
         raise _explain(err, schema, "config") from None
     return obj  # type: ignore[return-value]
+
+
+def table_entry(table: dict[str, str], name: str, key: str) -> Any:
+    """The object a stage's explicit table names for `name` ("module:attribute", imported now: a run imports
+    only what it picks); an unknown name is a ConfigError on config key `key`, with the closest known name."""
+    if name not in table:
+        match = difflib.get_close_matches(name, table, n=1)
+        hint = f" (did you mean '{match[0]}'?)" if match else ""
+        raise ConfigError(f"bad value for config key '{key}': {name!r}{hint}; known: {sorted(table)}")
+    module, attribute = table[name].split(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def load_section(schema: type[T], values: Any, prefix: str) -> T:

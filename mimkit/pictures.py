@@ -1,5 +1,6 @@
-"""Pictures for a run's `pictures/` folder: mask overlays, reconstructions, codebook usage, curves, MILAN attention,
-detections beside their ground truth.
+"""Pictures for a run's `pictures/` folder: mask overlays, reconstructions, codebook usage, curves, MILAN
+attention, segmentation maps (image / ground truth / prediction in a fixed palette), detections beside their
+ground truth.
 
 Matplotlib on the Agg backend (no display). Every function takes images as [B, 3, H, W] floats in 0..1
 (call `denormalize` first), tensors or arrays, writes one PNG and returns its path. Figures are laid out
@@ -235,4 +236,36 @@ def save_attention_overlay(images, attention, mask, error, path: str | os.PathLi
         axes[2, i].set_title(f"mean err {error[i].mean():.3f}", fontsize=7)
     for r, name in enumerate(["CLS attention", "visible", "cosine error"]):
         axes[r, 0].set_ylabel(name, fontsize=8)
+    return _save(fig, path)
+
+
+IGNORED_COLOUR = (0, 0, 0)  # pixels without a label (255) are drawn black
+
+
+def segmentation_palette(num_classes: int, seed: int = 0) -> np.ndarray:
+    """[num_classes, 3] uint8: a fixed colour per class, the same for every run (seeded), never black."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(40, 256, size=(num_classes, 3), dtype=np.uint8)
+
+
+def colourize(labels, palette: np.ndarray) -> np.ndarray:
+    """[H, W] class indices (anything outside the palette, e.g. 255, is black) -> [H, W, 3] uint8."""
+    labels = _numpy(labels).astype(np.int64)
+    out = np.zeros(labels.shape + (3,), dtype=np.uint8)
+    known = (labels >= 0) & (labels < len(palette))
+    out[known] = palette[labels[known]]
+    out[~known] = IGNORED_COLOUR
+    return out
+
+
+def save_segmentations(images: Sequence, truths: Sequence, predictions: Sequence, palette: np.ndarray,
+                       path: str | os.PathLike, titles: Sequence[str] | None = None) -> Path:
+    """One row per image: the image ([3, H, W] in 0..1), its ground truth and the prediction ([H, W] each)."""
+    fig, axes = _figure(len(images), 3)
+    for row, (image, truth, pred) in enumerate(zip(images, truths, predictions)):
+        panels = (_hwc(_numpy(image)[None])[0], colourize(truth, palette), colourize(pred, palette))
+        for col, (panel, name) in enumerate(zip(panels, ("image", "ground truth", "prediction"))):
+            axes[row, col].imshow(panel, interpolation="nearest")
+            title = name if titles is None or col else f"{titles[row]}"
+            axes[row, col].set_title(title, fontsize=8)
     return _save(fig, path)

@@ -5,10 +5,7 @@ module is imported only when a run picks it (MILAN's pulls in open_clip, BEiT's 
 
 from __future__ import annotations
 
-import difflib
-import importlib
-
-from mimkit.config import ConfigError, load_section
+from mimkit.config import load_section, table_entry
 from mimkit.pretrain.objective import Method, Objective
 
 OBJECTIVES: dict[str, str] = {
@@ -23,12 +20,7 @@ OBJECTIVES: dict[str, str] = {
 
 
 def method_for(objective: str) -> Method:
-    if objective not in OBJECTIVES:
-        match = difflib.get_close_matches(objective, OBJECTIVES, n=1)
-        hint = f" (did you mean '{match[0]}'?)" if match else ""
-        raise ConfigError(f"bad value for config key 'objective': {objective!r}{hint}; known: {sorted(OBJECTIVES)}")
-    module, attribute = OBJECTIVES[objective].split(":")
-    return getattr(importlib.import_module(module), attribute)
+    return table_entry(OBJECTIVES, objective, "objective")
 
 
 def resolve_method(cfg):

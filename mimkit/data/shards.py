@@ -2,10 +2,12 @@
 
     mimkit shards imagefolder DIR --out OUT [--maxcount N] [--maxsize BYTES] [--prefix NAME]
     mimkit shards filelist FILE --out OUT          # lines "path[<TAB>label]", label an int or a class name
+    mimkit shards ade ROOT --split training --out OUT   # ADEChallengeData2016: KEY.jpg + KEY.seg.png
 
 Each sample is `KEY.jpg` (the original bytes when the file is a decodable RGB JPEG, else re-encoded as
 RGB JPEG quality 95), `KEY.cls` (class index, absent when unlabelled) and `KEY.json` (original path,
-class name). Keys are zero-padded sample numbers: no dots, no folders. The output folder also gets
+class name); segmentation shards hold `KEY.jpg` and `KEY.seg.png` (the annotation PNG's own bytes) instead.
+Keys are zero-padded sample numbers: no dots, no folders. The output folder also gets
 `sizes.json` ({shard file: sample count}) and `classes.json` (class names, index = label).
 Every image is fully decoded once here, so undecodable files are found now (reported: count and the
 first few names) and never written. ImageFolder input is shuffled by default: a streaming shuffle
@@ -184,10 +186,33 @@ def read_filelist(path: Path) -> tuple[list[tuple[str, int | None]], list[str] |
     return [(f, index[lab] if lab is not None else None) for f, lab in rows], classes
 
 
+def write_segmentation_shards(pairs: Iterable[tuple[Source, Union[str, os.PathLike, bytes]]], out_dir: str | os.PathLike,
+                              maxcount: int = 10000, maxsize: int = 1_000_000_000, prefix: str = "shard") -> dict:
+    """Shards of (image, annotation PNG) pairs: `KEY.jpg` (as `jpeg_payload`) + `KEY.seg.png` (the PNG's
+    bytes, checked to be a single-channel image of the image's size). Returns {"sizes", "written"}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out, prefix, maxcount, maxsize)
+    written = 0
+    for i, (image, label) in enumerate(pairs):
+        jpeg = jpeg_payload(image)
+        png = label if isinstance(label, bytes) else Path(label).read_bytes()
+        with Image.open(io.BytesIO(jpeg)) as img, Image.open(io.BytesIO(png)) as seg:
+            if seg.format != "PNG" or seg.mode not in ("L", "P") or seg.size != img.size:
+                raise ValueError(f"pair {i}: the annotation must be a one-channel PNG of the image's size "
+                                 f"(got {seg.format} {seg.mode} {seg.size} for an image of {img.size})")
+        writer.write(f"{i:08d}", {"jpg": jpeg, "seg.png": png})
+        written += 1
+    writer.close()
+    (out / "sizes.json").write_text(json.dumps(writer.sizes, indent=1))
+    return {"sizes": writer.sizes, "written": written}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mimkit shards", description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["imagefolder", "filelist"])
-    parser.add_argument("source", type=Path, help="ImageFolder root, or the file list")
+    parser.add_argument("kind", choices=["imagefolder", "filelist", "ade"])
+    parser.add_argument("source", type=Path, help="ImageFolder root, the file list, or ADEChallengeData2016")
+    parser.add_argument("--split", default="training", help="ade: training | validation")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard (at most)")
     parser.add_argument("--maxsize", type=int, default=1_000_000_000, help="bytes per shard (about)")
@@ -198,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-json", action="store_true", help="omit the .json metadata")
     args = parser.parse_args(argv)
 
+    if args.kind == "ade":
+        images, labels = args.source / "images" / args.split, args.source / "annotations" / args.split
+        if not images.is_dir() or not labels.is_dir():
+            print(f"mimkit shards: expected {images} and {labels}", file=sys.stderr)
+            return 2
+        pairs = [(p, labels / f"{p.stem}.png") for p in sorted(images.glob("*.jpg")) if (labels / f"{p.stem}.png").is_file()]
+        result = write_segmentation_shards(pairs, args.out, args.maxcount, args.maxsize, args.prefix)
+        print(f"wrote {result['written']} image + annotation pairs in {len(result['sizes'])} shards to {args.out}")
+        return 0
     if args.kind == "imagefolder":
         if not args.source.is_dir():
             print(f"mimkit shards: not a folder: {args.source}", file=sys.stderr)
