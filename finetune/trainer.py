@@ -33,6 +33,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -416,6 +417,12 @@ def mark_requeue(body: FinetuneStep, flag: PreemptionFlag, run_dir: Path, step: 
 def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_cli(FinetuneConfig, argv, prog="finetune", description="fine-tune or linearly probe a ViT",
                     finish=resolve_task)
+    try:
+        check_config(cfg)  # and the task's own checks: a wrong value is one line naming its key, before any work
+    except (ValueError, FileNotFoundError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"finetune: error: {err}", file=sys.stderr)
+        return 2
     try:
         result = train(cfg)
     except Preempted as stop:

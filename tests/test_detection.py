@@ -21,7 +21,7 @@ from mimkit.distributed.loop import Preempted
 from mimkit.finetune.config import FinetuneConfig
 from mimkit.finetune.coco_eval import STAT_NAMES
 from mimkit.finetune.tasks import resolve_task, task_for
-from mimkit.finetune.trainer import train
+from mimkit.finetune.trainer import main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "finetune" / "coco_maskrcnn_tiny_cpu.yaml"
@@ -108,3 +108,10 @@ def test_unusable_settings_are_refused_before_any_work(demo, tmp_path, override,
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("[", r"\[").replace("(", r"\(")):
         train(_cfg(demo, tmp_path, "run.name=bad", override))
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_the_command_names_a_wrong_value_in_one_line(demo, tmp_path, capsys):
+    assert main(["--config", str(TINY), *_args(demo, tmp_path, "run.name=bad", "options.hflip=0.5",
+                                                "data.root=/nonexistent")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["finetune: error: data.root=/nonexistent: no image folder /nonexistent/images/train"]
