@@ -133,46 +133,32 @@ def main(argv: list[str] | None = None) -> int:
         stage("milan", "5. pretrain: MILAN, the BEiT encoder as teacher", "mimkit.pretrain", "milan", args.milan_steps,
               f"data.seed={args.seed}", f"method.teacher.export={beit_dir / 'export'}")
 
+    inits = [f"--init={name}={folder / 'export'}" for name, folder in (("mae", mae_dir), ("beit", beit_dir), ("milan", milan_dir))
+             if is_export(folder / "export")]
+
+    def compare(key: str, title: str, preset: str, *extra: str) -> Path:
+        """Each export vs scratch (`compare_init`) into OUT/KEY_comparison.json unless it exists; that file."""
+        table = out / f"{key}_comparison.json"
+        if not table.exists():
+            times[key] = run_stage(title, [sys.executable, "-m", "mimkit.finetune.compare_init", *inits,
+                                           "--seeds", *map(str, args.finetune_seeds), "--config", str(PRESETS[preset]),
+                                           f"run.root={out}", f"run.name={key}", *extra], env)
+        return table
+
     comparison = out / "finetune_comparison.json"
     if comparison.exists() and "top1_runs" not in next(iter(json.loads(comparison.read_text()).values())):
         comparison.unlink()  # an older mimkit's one-seed table: fine-tune again
-    if not comparison.exists():
-        inits = [f"{name}={folder / 'export'}" for name, folder in (("mae", mae_dir), ("beit", beit_dir), ("milan", milan_dir))
-                 if is_export(folder / "export")]
-        times["finetune"] = run_stage("6. finetune: each export vs scratch, 10% of the labels",
-                                      [sys.executable, "-m", "mimkit.finetune.compare_init",
-                                       *[f"--init={init}" for init in inits],
-                                       "--seeds", *map(str, args.finetune_seeds),
-                                       "--config", str(PRESETS["finetune"]),
-                                       f"run.root={out}", "run.name=finetune",
-                                       f"data.root={data.imagefolder_train.parent}", f"data.num_classes={len(data.class_names)}",
-                                       "data.label_fraction=0.1",
-                                       f"optim.epochs={args.finetune_epochs}"], env)
+    compare("finetune", "6. finetune: each export vs scratch, 10% of the labels", "finetune",
+            f"data.root={data.imagefolder_train.parent}", f"data.num_classes={len(data.class_names)}",
+            "data.label_fraction=0.1", f"optim.epochs={args.finetune_epochs}")
+    segmentation = compare("segmentation", "7. segment: each export vs scratch on the ADE20K-style folder",
+                           "segmentation", f"data.root={data.ade_root}")
 
-    segmentation = out / "segmentation_comparison.json"
-    if not segmentation.exists():
-        inits = [f"{name}={folder / 'export'}" for name, folder in (("mae", mae_dir), ("beit", beit_dir), ("milan", milan_dir))
-                 if is_export(folder / "export")]
-        times["segment"] = run_stage("7. segment: each export vs scratch on the ADE20K-style folder",
-                                     [sys.executable, "-m", "mimkit.finetune.compare_init",
-                                      *[f"--init={init}" for init in inits],
-                                      "--seeds", *map(str, args.finetune_seeds),
-                                      "--config", str(PRESETS["segmentation"]),
-                                      f"run.root={out}", "run.name=segmentation", f"data.root={data.ade_root}"], env)
-
-    detection = out / "detect_comparison.json"
-    if args.detect_steps and not detection.exists():
-        inits = [f"{name}={folder / 'export'}" for name, folder in (("mae", mae_dir), ("beit", beit_dir), ("milan", milan_dir))
-                 if is_export(folder / "export")]
-        # one process with both cores: the heads' convolutions and RoIAlign are the cost
-        times["detect"] = run_stage("8. detect: ViTDet Mask R-CNN, each export vs scratch",
-                                    [sys.executable, "-m", "mimkit.finetune.compare_init",
-                                     *[f"--init={init}" for init in inits], "--columns", "bbox_AP", "segm_AP",
-                                     "--config", str(PRESETS["detect"]), f"run.root={out}", "run.name=detect",
-                                     f"data.root={data.coco_root}", "optim.epochs=1",
-                                     f"optim.max_steps={args.detect_steps}",
-                                     f"options.max_val_images={DEFAULTS['detect_val_images']}"],
-                                    env | {"OMP_NUM_THREADS": "2"})
+    # one seed (the later --seeds wins): 30 steps an arm keep the stage near a minute
+    detection = compare("detect", "8. detect: ViTDet Mask R-CNN, each export vs scratch", "detect", "--seeds", "0",
+                        "--columns", "bbox_AP", "segm_AP", f"data.root={data.coco_root}", "optim.epochs=1",
+                        f"optim.max_steps={args.detect_steps}",
+                        f"options.max_val_images={DEFAULTS['detect_val_images']}") if args.detect_steps else None
 
     print_summary(out, tok_dir, beit_dir, mae_dir, milan_dir, comparison, times, segmentation, detection)
     return 0

@@ -11,7 +11,8 @@ BatchNorm in the heads is synchronised across processes. Loss: cross-entropy at 
 255 ignored (summed over the labelled pixels and divided by all pixels of the crop, as mmsegmentation).
 Evaluation: `eval_mode` whole (the image resized to the network's input) or slide (crop windows every
 `eval_stride` pixels), optional flip; mIoU / mAcc / aAcc as mmsegmentation (`seg_metrics.py`), each process
-evaluating its share of the images. Results: RUN/per_class_iou.json and .txt, RUN/pictures/segmentation.png.
+evaluating its share of the images. Results: RUN/per_class_iou.json and .txt, and
+RUN/pictures/segmentation.png (of the last evaluation: the EMA's when there is one).
 """
 
 from __future__ import annotations
@@ -136,7 +137,6 @@ class Segmentation:
             raise ValueError(f"options.class_names has {len(opts.class_names)} names, data.num_classes is "
                              f"{cfg.data.num_classes}")
         self.cfg, self.opts = cfg, opts
-        self.per_class: dict[str, list] = {}
         self.kept: list[tuple[int, dict, torch.Tensor]] = []
 
     def build_model(self) -> BuiltModel:
@@ -191,7 +191,8 @@ class Segmentation:
         with accelerator.autocast():
             out = evaluate_segmentation(net, loader, self.cfg.data.num_classes, accelerator.device, self.opts.eval_mode,
                                         net.input_size, self.opts.eval_stride, self.opts.eval_flip, keep)
-        self.per_class = {"IoU": out.pop("IoU"), "Acc": out.pop("Acc")}
+        # per class (None where undefined: JSON has no NaN) for write_results; results.json keeps them too
+        out["per_class"] = {"IoU": nan_to_none(out.pop("IoU")), "Acc": nan_to_none(out.pop("Acc"))}
         return out
 
     def describe(self, metrics: dict[str, float]) -> str:
@@ -199,10 +200,10 @@ class Segmentation:
                 f"({metrics['count']} images)")
 
     def write_results(self, model, loader, accelerator, run_dir: Path, metrics: dict[str, float]) -> None:
-        if not accelerator.is_main_process or not self.per_class:
+        if not accelerator.is_main_process:
             return
         names = self.opts.class_names or [f"class_{i}" for i in range(self.cfg.data.num_classes)]
-        iou, acc = nan_to_none(self.per_class["IoU"]), nan_to_none(self.per_class["Acc"])
+        iou, acc = metrics["per_class"]["IoU"], metrics["per_class"]["Acc"]
         (run_dir / "per_class_iou.json").write_text(json.dumps(
             {"classes": names, "IoU": iou, "Acc": acc, **{k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")}}, indent=1))
         rows = [f"{'class':<24}{'IoU':>8}{'Acc':>8}"] + [
