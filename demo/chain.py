@@ -10,6 +10,8 @@
               same budget, two seeds;
 7. segment    the same comparison for semantic segmentation on the ADE20K-style folder (Segmenter's linear
               head, a short budget), mIoU;
+8. detect     a short ViTDet Mask R-CNN fine-tune on the COCO-style json for every export vs scratch,
+              box AP and mask AP (COCOeval) on the first val images;
 then a results table, where the pictures are, and one picture of each pretraining's k-NN accuracy
 (`knn_top1`, evaluated at the start, halfway and at the end on the demo's labelled ImageFolder).
 
@@ -37,10 +39,11 @@ CONFIGS = REPO / "configs"
 # pretraining help? (demo data)", for the trials behind these numbers.
 # 200 val images per class: at ~30 % top-1, 800 val images put the sampling noise near +-1.6 points.
 DEFAULTS = dict(images_per_class=200, val_per_class=200, tokenizer_steps=200, pretrain_steps=1000, mae_steps=1000,
-                milan_steps=200, finetune_epochs=50, finetune_seeds=(0, 1))
+                milan_steps=200, finetune_epochs=50, finetune_seeds=(0, 1), detect_steps=30, detect_val_images=100)
 PRESETS = dict(tokenizer=CONFIGS / "tokenizers" / "demo_dvae_cpu.yaml", pretrain=CONFIGS / "pretrain" / "demo_beit_cpu.yaml",
                mae=CONFIGS / "pretrain" / "demo_mae_cpu.yaml", milan=CONFIGS / "pretrain" / "demo_milan_cpu.yaml",
-               finetune=CONFIGS / "finetune" / "demo_cpu.yaml", segmentation=CONFIGS / "finetune" / "demo_seg_cpu.yaml")
+               finetune=CONFIGS / "finetune" / "demo_cpu.yaml", segmentation=CONFIGS / "finetune" / "demo_seg_cpu.yaml",
+               detect=CONFIGS / "finetune" / "coco_maskrcnn_tiny_cpu.yaml")
 
 
 def knn_overrides(data, every: int) -> list[str]:
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, default=DEFAULTS["finetune_epochs"])
     parser.add_argument("--finetune-seeds", type=int, nargs="+", default=list(DEFAULTS["finetune_seeds"]),
                         help="fine-tuning seeds (each draws its own labelled subset); the table shows the mean")
+    parser.add_argument("--detect-steps", type=int, default=DEFAULTS["detect_steps"],
+                        help="detection fine-tuning steps per arm (0: skip detection)")
     parser.add_argument("--images-per-class", type=int, default=DEFAULTS["images_per_class"],
                         help="demo train images per class (10%% of them keep their labels for fine-tuning)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every training stage (the data stays seed 0)")
@@ -172,13 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     segmentation = compare("segmentation", "7. segment: each export vs scratch on the ADE20K-style folder",
                            "segmentation", f"data.root={data.ade_root}")
 
-    print_summary(out, tok_dir, beit_dir, mae_dir, milan_dir, comparison, times, segmentation)
+    # one seed (the later --seeds wins; flags last: --columns takes every word after it): about a minute
+    detection = compare("detect", "8. detect: ViTDet Mask R-CNN, each export vs scratch", "detect",
+                        f"data.root={data.coco_root}", "optim.epochs=1", f"optim.max_steps={args.detect_steps}",
+                        f"options.max_val_images={DEFAULTS['detect_val_images']}",
+                        "--seeds", "0", "--columns", "bbox_AP", "segm_AP") if args.detect_steps else None
+
+    print_summary(out, tok_dir, beit_dir, mae_dir, milan_dir, comparison, times, segmentation, detection)
     save_knn_curves(out, {"BEiT": beit_dir, "MAE": mae_dir, "MILAN": milan_dir})
     return 0
 
 
 def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan_dir: Path, comparison: Path,
-                  times: dict, segmentation: Path | None = None) -> None:
+                  times: dict, segmentation: Path | None = None, detection: Path | None = None) -> None:
     rows = json.loads(comparison.read_text())
     print("\n=== results")
     print(f"{'stage':<32}{'metric':<18}{'first':>10}{'last':>10}")
@@ -195,6 +206,9 @@ def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan
     print("\n" + format_table(rows))
     if segmentation is not None and segmentation.exists():
         print("\n" + format_table(json.loads(segmentation.read_text()), title="segmentation fine-tuning"))
+    if detection is not None and detection.exists():
+        print("\n" + format_table(json.loads(detection.read_text()), title="detection fine-tuning",
+                                  columns=("bbox_AP", "segm_AP")))
     if times:
         print("\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("\nwhat was produced:")
@@ -202,7 +216,8 @@ def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan
     print(f"  pretrained exports {beit_dir / 'export'}, {mae_dir / 'export'}, {milan_dir / 'export'}")
     print(f"  metrics            {out}/*/metrics.jsonl")
     print(f"  TensorBoard        tensorboard --logdir {out}")
-    for folder in (tok_dir / "pictures", beit_dir / "pictures", mae_dir / "pictures", milan_dir / "pictures"):
+    for folder in (tok_dir / "pictures", beit_dir / "pictures", mae_dir / "pictures", milan_dir / "pictures",
+                   *sorted(out.glob("detect_*/pictures"))):
         pictures = sorted(p.name for p in folder.glob("*.png"))
         if pictures:
             print(f"  pictures           {folder}: {', '.join(pictures[:6])}{' ...' if len(pictures) > 6 else ''}")

@@ -90,17 +90,22 @@ def scratch_arms(inits: dict[str, str], cfg: FinetuneConfig) -> tuple[dict[str, 
     return arms, arm_of
 
 
+# Run facts, not metrics: never averaged into a row.
+RUN_KEYS = ("count", "train_images", "steps", "epochs", "num_processes")
+
+
 def summarise(runs: list[dict]) -> dict:
-    """Mean and spread over seeds of the task's primary metric (`metric`: top1, mIoU, ...)."""
+    """Mean over seeds of every metric (the task's primary, `metric`: top1, mIoU, bbox_AP, ..., with its spread
+    and per-seed values) and the run facts."""
     m = runs[0].get("primary", "top1")
     values = [r[m] for r in runs]
     out = {"metric": m, m: round(statistics.fmean(values), 2), f"{m}_std": round(statistics.pstdev(values), 2),
            f"{m}_runs": values, f"best_{m}_runs": [r[f"best_{m}"] for r in runs]}
-    for extra in ("top5", "mAcc", "aAcc"):
-        if extra in runs[0]:
-            out[extra] = round(statistics.fmean(r[extra] for r in runs), 2)
-    return out | {"count": runs[0]["count"], "train_images": runs[0]["train_images"], "steps": runs[0]["steps"],
-                  "epochs": runs[0]["epochs"]}
+    for name, value in runs[0].items():
+        if name not in out and name not in RUN_KEYS and not name.startswith("best_") \
+                and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = round(statistics.fmean(r[name] for r in runs), 2)
+    return out | {name: runs[0][name] for name in RUN_KEYS if name in runs[0]}
 
 
 def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tuple[str, ...] = ("finetune",),
@@ -140,19 +145,28 @@ def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tup
     return rows
 
 
-def format_table(rows: dict, title: str = "fine-tuning") -> str:
+HEADINGS = {"top1": "top-1", "bbox_AP": "box AP", "segm_AP": "mask AP"}
+
+
+def format_table(rows: dict, title: str = "fine-tuning", columns: Optional[tuple[str, ...]] = None) -> str:
+    """The comparison as text: each metric of `columns` (default: the primary) with its lead over scratch."""
     any_row = next(iter(rows.values()))
     m = any_row.get("metric", "top1")
-    label = {"top1": "top-1"}.get(m, m)
+    columns = tuple(columns or (m,))
     seeds = len(any_row[f"{m}_runs"])
     lines = [f"{title} on {any_row['train_images']} labelled images, {any_row['steps']} steps each, "
-             f"{any_row['count']} val images, {seeds} seed(s)" + (" (mean +- sd)" if seeds > 1 else ""),
-             f"{'init':<24}{label:>8}{'+-':>6}{'lead':>8}{'lr':>9}", "-" * 55]
+             f"{any_row['count']} val images, {seeds} seed(s)" + (" (mean +- sd)" if seeds > 1 else "")]
+    head = "".join(f"{HEADINGS.get(c, c):>9}" + (f"{'+-':>6}" if c == m else "") + f"{'lead':>7}" for c in columns)
+    lines += [f"{'init':<24}{head}{'lr':>9}", "-" * (33 + 16 * len(columns) + 6)]
     for name, r in rows.items():
-        lead = f"{r['lead']:+.1f}" if "lead" in r else ""
+        cells = ""
+        for c in columns:
+            lead = f"{r[c] - rows[r['vs']][c]:+.1f}" if "vs" in r else ""
+            cells += f"{r[c]:>9.1f}" + (f"{r[f'{m}_std']:>6.1f}" if c == m else "") + f"{lead:>7}"
         lr = f"{r['lr']:g}" if "lr" in r else ""
-        lines.append(f"{name:<24}{r[m]:>8.1f}{r[f'{m}_std']:>6.1f}{lead:>8}{lr:>9}")
-    lines.append(f"lead: {label} points over the same network trained from scratch with the same budget")
+        lines.append(f"{name:<24}{cells}{lr:>9}")
+    names = ", ".join(HEADINGS.get(c, c) for c in columns)
+    lines.append(f"lead: {names} points over the same network trained from scratch with the same budget")
     return "\n".join(lines)
 
 
@@ -168,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="peak lrs to try; each arm is scored at its best (default: optim.lr)")
     parser.add_argument("--linprobe", action="store_true",
                         help="also compare linear probes (frozen pretrained vs frozen random encoder)")
+    parser.add_argument("--columns", nargs="+", default=None,
+                        help="metrics to tabulate with their leads (default: the task's primary, e.g. top1)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # flags may follow the overrides
     cfg = load_finetune_config(args.config, args.overrides)
@@ -177,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.run.root) / f"{cfg.run.name}_comparison.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
-    print(format_table(rows, "fine-tuning" if cfg.task == "classification" else f"{cfg.task} fine-tuning"))
+    title = "fine-tuning" if cfg.task == "classification" else f"{cfg.task} fine-tuning"
+    print(format_table(rows, title, args.columns))
     print(f"written to {out}")
     return 0
 

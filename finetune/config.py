@@ -72,8 +72,10 @@ class OptimConfig:
     epochs: int = 100
     warmup_epochs: float = 5.0
     warmup_steps: int = 0  # > 0: warmup in steps, instead of warmup_epochs (iteration-based recipes)
-    schedule: str = "cosine"  # cosine | poly (lr decays as (1 - t)^poly_power to min_lr: mmsegmentation)
+    schedule: str = "cosine"  # cosine | poly (lr decays as (1 - t)^poly_power to min_lr: mmsegmentation) | step (x gamma at each milestone: Detectron2)
     poly_power: float = 1.0
+    milestones: list[float] = field(default_factory=lambda: [0.889, 0.963])  # step: fractions of the run where lr x gamma
+    gamma: float = 0.1  # step: the lr factor at each milestone
     lr: float = 4e-3  # the peak lr for `base_batch_size` samples (BEiT 4e-3, BEiT v2 5e-4, MAE 5e-4 x b/256)
     base_batch_size: int = 1024  # lr scales by batch_size / base_batch_size; 0: lr as given
     min_lr: float = 1e-6
@@ -86,7 +88,7 @@ class OptimConfig:
 
 @dataclass
 class FinetuneConfig:
-    task: str = "classification"  # classification | segmentation (finetune/tasks.py)
+    task: str = "classification"  # classification | segmentation | detection (finetune/tasks.py)
     options: Any = None  # the task's own section (its dataclass in the task's file); None: its defaults
     mode: str = "finetune"  # finetune | linprobe (frozen encoder, BatchNorm without affine + linear)
     run: RunConfig = field(default_factory=RunConfig)
@@ -102,7 +104,7 @@ class FinetuneConfig:
 
 
 MODES = ("finetune", "linprobe")
-SCHEDULES = ("cosine", "poly")
+SCHEDULES = ("cosine", "poly", "step")
 
 
 def load_finetune_config(config_file=None, overrides=()) -> FinetuneConfig:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from mimkit.checkpoint.export_format import read_export_meta, vit_config_from_export
 from mimkit.checkpoint.load import LoadReport, load_checkpoint_into_vit
@@ -42,9 +42,12 @@ def encoder_config(cfg: FinetuneConfig, meta: Optional[dict]) -> ViTConfig:
     return dataclasses.replace(vit, **changes)
 
 
-def build_encoder(cfg: FinetuneConfig) -> tuple[VisionTransformer, Optional[LoadReport], Optional[dict]]:
-    """(encoder with the init's weights, load report or None for scratch, export metadata or None)."""
+def build_encoder(cfg: FinetuneConfig, adapt: Optional[Callable[[ViTConfig], ViTConfig]] = None
+                  ) -> tuple[VisionTransformer, Optional[LoadReport], Optional[dict]]:
+    """(encoder with the init's weights, load report or None for scratch, export metadata or None).
+    `adapt`: a task's own changes to the architecture before it is built (ViTDet: windows, no class token)."""
     meta = export_meta(cfg.model.init)
-    encoder = VisionTransformer(encoder_config(cfg, meta))
+    vit_cfg = encoder_config(cfg, meta)
+    encoder = VisionTransformer(adapt(vit_cfg) if adapt else vit_cfg)
     report = load_checkpoint_into_vit(encoder, cfg.model.init, verbose=False) if cfg.model.init else None
     return encoder, report, meta

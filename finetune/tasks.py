@@ -11,6 +11,7 @@ from mimkit.finetune.task import TaskSpec
 TASKS: dict[str, str] = {
     "classification": "mimkit.finetune.classification:CLASSIFICATION",  # ImageNet-style, top-1 / top-5
     "segmentation": "mimkit.finetune.segmentation:SEGMENTATION",  # ADE20K-style, mIoU (UperNet / Segmenter)
+    "detection": "mimkit.finetune.detection:DETECTION",  # COCO-style boxes + instance masks, AP (ViTDet Mask R-CNN)
 }
 
 

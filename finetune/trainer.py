@@ -33,6 +33,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -51,7 +52,7 @@ from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 from mimkit.finetune.config import SCHEDULES, FinetuneConfig
 from mimkit.finetune.task import Task
 from mimkit.finetune.tasks import resolve_task, task_for
-from mimkit.optim import apply_schedule, cosine_schedule, param_groups, poly_schedule, resolve_lr
+from mimkit.optim import apply_schedule, cosine_schedule, param_groups, poly_schedule, resolve_lr, step_schedule
 from mimkit.runlog import MetricsLogger, make_run_dir, progress
 
 
@@ -241,9 +242,10 @@ class FinetuneStep:
         self.lr, self.metrics, self.saved_step, self.saved_tag = 0.0, {}, -1, None
 
     def begin_step(self, step: int) -> None:
-        schedule = poly_schedule if self.cfg.optim.schedule == "poly" else cosine_schedule
-        extra = {"power": self.cfg.optim.poly_power} if self.cfg.optim.schedule == "poly" else {}
-        self.lr = schedule(step, self.peak_lr, self.warmup, self.total_steps, self.cfg.optim.min_lr, **extra)
+        optim = self.cfg.optim
+        schedule, extra = {"cosine": (cosine_schedule, {}), "poly": (poly_schedule, {"power": optim.poly_power}),
+                           "step": (step_schedule, {"milestones": optim.milestones, "gamma": optim.gamma})}[optim.schedule]
+        self.lr = schedule(step, self.peak_lr, self.warmup, self.total_steps, optim.min_lr, **extra)
         apply_schedule(self.optimizer, self.lr, self.cfg.optim.weight_decay)
 
     def micro_step(self, step: int, batch) -> dict[str, Any]:
@@ -415,6 +417,12 @@ def mark_requeue(body: FinetuneStep, flag: PreemptionFlag, run_dir: Path, step: 
 def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_cli(FinetuneConfig, argv, prog="finetune", description="fine-tune or linearly probe a ViT",
                     finish=resolve_task)
+    try:
+        check_config(cfg)  # and the task's own checks: a wrong value is one line naming its key, before any work
+    except (ValueError, FileNotFoundError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"finetune: error: {err}", file=sys.stderr)
+        return 2
     try:
         result = train(cfg)
     except Preempted as stop:

@@ -1,4 +1,4 @@
-"""Parameter groups (weight decay, layer-wise lr decay) and per-step warmup + cosine (or poly) schedules.
+"""Parameter groups (weight decay, layer-wise lr decay) and per-step warmup + cosine (or poly, or step) schedules.
 
 A stream has no length, so every schedule is a function of the optimizer step. Each parameter group
 carries ``lr_scale`` (layer-wise decay) and ``wd_scale`` (1 where weight decay applies, 0 where it
@@ -116,6 +116,16 @@ def poly_schedule(step: int, base: float, warmup_steps: int, total_steps: int, f
     span = max(1, total_steps - warmup_steps)
     t = min(1.0, (step - warmup_steps) / span)
     return final + (base - final) * (1.0 - t) ** power
+
+
+def step_schedule(step: int, base: float, warmup_steps: int, total_steps: int, final: float,
+                  milestones: Sequence[float] = (0.889, 0.963), gamma: float = 0.1) -> float:
+    """Linear warmup as :func:`cosine_schedule`, then ``base`` times ``gamma`` for every milestone passed
+    (fractions of ``total_steps``; ViTDet's COCO recipe: x0.1 at 88.9 % and 96.3 %), never below ``final``."""
+    if step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    passed = sum(step >= round(m * total_steps) for m in milestones)
+    return max(final, base * gamma**passed)
 
 
 def apply_schedule(optimizer, lr: float, weight_decay: float | None = None) -> None:

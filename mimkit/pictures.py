@@ -1,5 +1,6 @@
 """Pictures for a run's `pictures/` folder: mask overlays, reconstructions, codebook usage, curves, MILAN
-attention, segmentation maps (image / ground truth / prediction in a fixed palette).
+attention, segmentation maps (image / ground truth / prediction in a fixed palette), detections beside their
+ground truth.
 
 Matplotlib on the Agg backend (no display). Every function takes images as [B, 3, H, W] floats in 0..1
 (call `denormalize` first), tensors or arrays, writes one PNG and returns its path. Figures are laid out
@@ -168,6 +169,38 @@ def save_codebook_usage(counts, path: str | os.PathLike) -> Path:
         fontsize=9,
     )
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_detections(images: Sequence, ground_truth: Sequence[dict], predictions: Sequence[dict],
+                    class_names: Sequence[str], path: str | os.PathLike, min_score: float = 0.5) -> Path:
+    """Detection / instance segmentation: per image (a row), the ground truth beside the predictions with
+    score >= `min_score`: masks tinted, boxes outlined, class names (and scores) written, one colour per class.
+    images: [H, W, 3] in 0..1 (each its own size); each dict: `boxes` [N, 4] x1, y1, x2, y2, `labels` [N]
+    (1..K, 0 = background), optional `masks` [N, H, W] bool and `scores` [N]."""
+    colours = plt.get_cmap("tab10")
+    fig, axes = _figure(len(images), 2)
+    for r, image in enumerate(images):
+        image = np.clip(_numpy(image), 0, 1)
+        for c, (title, found) in enumerate((("ground truth", ground_truth[r]), ("prediction", predictions[r]))):
+            scores = _numpy(found["scores"]) if "scores" in found else None
+            keep = np.ones(len(_numpy(found["labels"])), bool) if scores is None else scores >= min_score
+            shown = image.copy()
+            masks = _numpy(found["masks"]).astype(bool)[keep] if found.get("masks") is not None else []
+            labels = _numpy(found["labels"]).astype(int)[keep]
+            for mask, label in zip(masks, labels):
+                shown[mask] = 0.5 * shown[mask] + 0.5 * np.array(colours(label % 10)[:3])
+            ax = axes[r, c]
+            ax.imshow(shown)
+            for i, (box, label) in enumerate(zip(_numpy(found["boxes"])[keep], labels)):
+                x1, y1, x2, y2 = box
+                ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1, color=colours(label % 10)))
+                name = class_names[label - 1] if 0 < label <= len(class_names) else str(label)
+                text = name if scores is None else f"{name} {scores[keep][i]:.2f}"
+                ax.text(x1, y1, text, fontsize=5, color="white", va="bottom",
+                        bbox={"facecolor": colours(label % 10), "pad": 0.5, "lw": 0})
+            if r == 0:
+                ax.set_title(title, fontsize=8)
     return _save(fig, path)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from mimkit.optim import (OptimConfig, Schedule, apply_schedule, cosine_schedule, layer_id, param_groups,
-                          resolve_lr)
+                          resolve_lr, step_schedule)
 
 
 class TinyViTNames(nn.Module):
@@ -110,3 +110,12 @@ def test_apply_schedule_honours_scales_and_weight_decay_schedule():
     assert lrs == pytest.approx([0.125, 0.25, 0.5, 1.0])
     wds = sorted({round(g["weight_decay"], 9) for g in opt.param_groups})
     assert wds == pytest.approx([0.0, 0.22])  # half-way along 0.04 -> 0.4
+
+
+def test_step_schedule_warms_up_then_drops_tenfold_at_each_milestone():
+    # ViTDet's COCO recipe on 1000 steps: warmup 10, x0.1 at steps 889 and 963
+    lrs = [step_schedule(s, 1e-4, 10, 1000, 0.0) for s in range(1000)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4)
+    assert lrs[888] == pytest.approx(1e-4) and lrs[889] == pytest.approx(1e-5)
+    assert lrs[962] == pytest.approx(1e-5) and lrs[963] == pytest.approx(1e-6) and lrs[999] == pytest.approx(1e-6)
+    assert step_schedule(999, 1e-4, 10, 1000, 5e-6) == 5e-6  # never below the floor

@@ -203,6 +203,20 @@ def window_partition(x: torch.Tensor, grid: Tuple[int, int], window: int) -> Tup
     return x.reshape(-1, window * window, D), (hp, wp)
 
 
+def window_padding_bias(grid: Tuple[int, int], window: int, batch: int, dtype: torch.dtype,
+                        device: torch.device) -> Optional[torch.Tensor]:
+    """Additive key bias [batch * nW, 1, 1, window*window] for `window_partition`'s windows: -inf on the
+    zero-padded tokens, so a window at the grid's edge attends to its real tokens only (each window holds
+    at least one: the padding is less than a window). None when the window divides the grid."""
+    h, w = grid
+    if h % window == 0 and w % window == 0:
+        return None
+    real = torch.ones(1, h * w, 1, device=device)
+    real, _ = window_partition(real, grid, window)  # [nW, window*window, 1], 0 where padded
+    bias = torch.zeros(real.shape[:2], dtype=dtype, device=device).masked_fill(real[..., 0] == 0, float("-inf"))
+    return bias.repeat(batch, 1)[:, None, None, :]
+
+
 def window_unpartition(x: torch.Tensor, padded: Tuple[int, int], grid: Tuple[int, int], window: int) -> torch.Tensor:
     """Inverse of `window_partition`: [B * nW, window*window, D] -> [B, h*w, D], padding cropped."""
     hp, wp = padded
@@ -235,7 +249,8 @@ class Block(nn.Module):
         y = self.norm1(x)
         if self.window:
             y, padded = window_partition(y, self.grid, self.window)
-            y = self.attn(y, with_prefix=False)
+            pad = window_padding_bias(self.grid, self.window, x.shape[0], y.dtype, y.device)
+            y = self.attn(y, pad, with_prefix=False)
             y = window_unpartition(y, padded, self.grid, self.window)
         else:
             y = self.attn(y, shared_bias, token_index, with_prefix)
