@@ -303,11 +303,13 @@ class EpochStream(torch.utils.data.IterableDataset):
     global batches start + j, start + j + W, ... (all from one logical worker's stream)."""
 
     def __init__(self, cfg: DataConfig, sources: list[list[str]], weights: list[float], transform: Callable,
-                 masks: MaskSource | None, rank: int, world_size: int, epoch: int, start: int):
+                 masks: MaskSource | None, rank: int, world_size: int, epoch: int, start: int,
+                 batches: int | None = None):
         super().__init__()
         self.cfg, self.sources, self.weights = cfg, sources, weights
         self.transform, self.masks = transform, masks
         self.rank, self.world_size, self.epoch, self.start = rank, world_size, epoch, start
+        self.batches = cfg.batches_per_epoch if batches is None else batches  # this rank's, in this epoch
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -316,10 +318,10 @@ class EpochStream(torch.utils.data.IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         first = self.start + physical  # first global batch of this physical worker
-        if first >= self.cfg.batches_per_epoch:
+        if first >= self.batches:
             return
         worker, local = first % workers, first // workers
-        yield from WorkerStream(self, worker).batches(local, range(first, self.cfg.batches_per_epoch, workers))
+        yield from WorkerStream(self, worker).batches(local, range(first, self.batches, workers))
 
 
 class WorkerStream:
@@ -426,7 +428,16 @@ class WorkerStream:
 
 class StreamLoader:
     """Iterate for one epoch (the rest of the current one after a resume); the position is
-    `state_dict()` = {"epoch", "batch", "seed", "skipped"}, identical on every rank."""
+    `state_dict()`, identical on every rank.
+
+    An epoch is `batches_per_epoch` batches on every rank, so `batches_per_epoch x batch_size x world_size`
+    samples. A resume on the same world size and per-rank batch size continues exactly where the stream
+    stopped. On another one (`load_state_dict` sees it) the stream continues by samples: the rest of the
+    epoch, from the samples already served to the epoch's end, is *resampled*: every new (rank, worker)
+    draws fresh shard orders seeded by (seed, epoch, the sample offset where the new layout starts, rank,
+    worker), and the epoch ends after the same number of samples, rounded up to a whole global batch of the
+    new layout; the epochs after it are ordinary epochs of the new layout. Samples served before the change
+    may come again in the resampled part (as with any resampling)."""
 
     def __init__(self, cfg: DataConfig, transform: Callable | None = None, rank: int = 0, world_size: int = 1,
                  masks: MaskSource | None = None, second_view: SecondView | None = None):
@@ -448,24 +459,60 @@ class StreamLoader:
         self.device_transform = DeviceTransform(opts["mean"], opts["std"], opts["tok_mean"], opts["tok_std"],
                                                 color_jitter=cfg.color_jitter)
         self.epoch, self.batch, self.skipped = 0, 0, 0
+        # The samples of the current epoch this layout serves, [start, end); start > 0 only in an epoch resampled
+        # after a world-size (or batch-size) change.
+        self.span = (0, self.epoch_samples)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.world_size
+
+    @property
+    def epoch_samples(self) -> int:
+        return self.cfg.batches_per_epoch * self.global_batch
+
+    @property
+    def batches_this_epoch(self) -> int:
+        """This rank's batches in the current epoch: `batches_per_epoch`, or in a resampled epoch what covers
+        the rest of its samples."""
+        start, end = self.span
+        return -(-(end - start) // self.global_batch)
 
     def __len__(self) -> int:
         return self.cfg.batches_per_epoch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.cfg.seed, "skipped": self.skipped}
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.cfg.seed, "skipped": self.skipped,
+                "world_size": self.world_size, "batch_size": self.cfg.batch_size,
+                "span_start": self.span[0], "span_end": self.span[1]}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if int(state["seed"]) != self.cfg.seed:
             raise ValueError(f"data position was saved with seed {state['seed']}, config has {self.cfg.seed}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self.skipped = int(state.get("skipped", 0))
+        world, size = int(state.get("world_size", self.world_size)), int(state.get("batch_size", self.cfg.batch_size))
+        start = int(state.get("span_start", 0))
+        end = int(state.get("span_end", self.cfg.batches_per_epoch * size * world))
+        if (world, size) == (self.world_size, self.cfg.batch_size):
+            self.span = (start, end)
+            return
+        served = start + self.batch * size * world  # samples of this epoch served before the change
+        if served >= end:
+            self.epoch, self.batch, self.span = self.epoch + 1, 0, (0, self.epoch_samples)
+        else:
+            self.batch, self.span = 0, (served, end)
+
+    def _next_epoch(self) -> None:
+        self.epoch, self.batch, self.span = self.epoch + 1, 0, (0, self.epoch_samples)
 
     def __iter__(self) -> Iterator[dict]:
-        if self.batch >= self.cfg.batches_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
+        if self.batch >= self.batches_this_epoch:
+            self._next_epoch()
+        # a resampled epoch draws fresh seeded orders: its seeds take the epoch and the offset it starts at
+        seed_epoch = self.epoch if self.span[0] == 0 else derive_seed(self.epoch, self.span[0])
         dataset = EpochStream(self.cfg, self.sources, self.weights, self.transform, self.masks,
-                              self.rank, self.world_size, self.epoch, self.batch)
+                              self.rank, self.world_size, seed_epoch, self.batch, self.batches_this_epoch)
         if self.cfg.num_workers > 0:
             batches: Any = torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
@@ -478,8 +525,8 @@ class StreamLoader:
             self.batch += 1
             self.skipped += int(batch["skipped"])
             yield batch
-        if self.batch >= self.cfg.batches_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
+        if self.batch >= self.batches_this_epoch:
+            self._next_epoch()
 
 
 def build_stream(cfg: DataConfig, transform: Callable | None = None, rank: int = 0, world_size: int = 1,
