@@ -133,9 +133,11 @@ def test_two_ranks_resume_on_one_then_one_on_two(root, preempted):
 def test_zero2_checkpoint_resumes_at_zero3(root, preempted):
     saved = zero12_reference(preempted / "checkpoints" / "step_00000004")
     run = copy_run(root, "base", "z3")
-    _helper.run_torchrun(PROBE, [root / "probe3.safetensors", *args(root, "z3", **{"engine.zero_stage": 3})],
-                         nproc=2, cwd=root)
+    proc = _helper.run_torchrun(PROBE, [root / "probe3.safetensors", *args(root, "z3", **{"engine.zero_stage": 3})],
+                                nproc=2, cwd=root)
     assert_equal(load_file(root / "probe3.safetensors"), saved)
+    # each group keeps its own settings (DeepSpeed's stage-3 universal loader copies the first group's)
+    assert "step 4 samples 64 ranks 2 wd_scale [1.0, 0.0]" in proc.stdout
     launch(root, "z3", 2, **{"run.steps": 6, "engine.zero_stage": 3})  # reuses the universal form the probe made
     loss, resumed = by_step(preempted, "loss"), by_step(run, "loss")
     assert abs(resumed[5] - loss[4]) < (loss[1] - loss[4]) / 3

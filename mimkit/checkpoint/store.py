@@ -341,11 +341,32 @@ def convert_to_universal(tag_dir: Path, out: Path) -> None:
         raise CheckpointError(f"converting {tag_dir} to DeepSpeed's universal checkpoint failed: "
                               f"{type(err).__name__}: {err}\n{chatter.getvalue()[-2000:]}") from err
     (tmp.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; we name folders ourselves
+    # DeepSpeed's universal loader reads the client state from the model-states file the *loading* stage names
+    # (stages 1-2: mp_rank_00_..., stage 3: zero_pp_rank_0_mp_rank_00_...); the converter keeps the saving
+    # stage's name only, so the folder gets both and loads at any stage.
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    have = [n for n in names if (tmp / n).is_file()]
+    for name in names if have else ():
+        if not (tmp / name).is_file():
+            shutil.copyfile(tmp / have[0], tmp / name)
+    _optimizer_state_for_every_stage(tmp / "zero" / "optimizer_state.pt")
     files = {str(p.relative_to(tmp)): file_digest(p, sync=True) for p in sorted(tmp.rglob("*")) if p.is_file()}
     record = dict(_record_of(tag_dir) or {}, source=tag_dir.name, format="deepspeed-universal", files=files)
     write_atomic(tmp / COMPLETE, json.dumps(record))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+def _optimizer_state_for_every_stage(path: Path) -> None:
+    """The converter writes ``zero/optimizer_state.pt`` in the saving stage's layout: from stages 1-2 without
+    the ``optimizer_state_dict`` (its Adam step, its groups) that DeepSpeed's stage-3 universal loader reads
+    (a KeyError there, DeepSpeed 0.19). Add what is missing, the step taken from the per-parameter
+    ``step.pt`` the converter wrote (the same for every parameter)."""
+    state = load_tensors_only(path)
+    if "optimizer_state_dict" not in state:
+        step = load_tensors_only(next(path.parent.glob("*/step.pt")))
+        state["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": state["param_groups"]}
+        torch.save(state, path)
 
 
 def universal_checkpoint(tag_dir: Path) -> Path:
@@ -497,12 +518,18 @@ class CheckpointStore:
                  f"(ZeRO-{engine.cfg.zero_stage}): loading its universal form")
             found = universal_checkpoint(found)
         load_dir, tag = found.parent, found.name
+        # the groups' own settings (lr_scale, wd_scale, betas: the run's config); DeepSpeed's stage-3 universal
+        # loader gives every group the first saved group's (0.19), so they are put back after it
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in engine.param_groups]
         with _deepspeed_reads_tensors_only(engine.ds), (
                 _universal_loading(engine.ds) if universal else contextlib.nullcontext()):
             path, state = engine.ds.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                     load_lr_scheduler_states=False)
         if path is None or state is None:
             raise CheckpointError(f"DeepSpeed could not load {load_dir / tag}")
+        if universal:
+            for group, own in zip(engine.param_groups, settings):
+                group.update(own)
         engine.load_state_dict(state.get("engine", {}))
         if len(state["ranks"]) == engine.world_size:
             mine = state["ranks"][engine.rank]

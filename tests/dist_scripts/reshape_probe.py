@@ -32,4 +32,5 @@ for name, p in engine.module.named_parameters():
         tensors[f"{name}/{key}"] = safe_get_full_optimizer_state(p, key)
 if engine.rank == 0:
     save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, out)
-    print(f"probe: step {state['step']} samples {state['samples']} ranks {len(state['ranks'])}")
+    print(f"probe: step {state['step']} samples {state['samples']} ranks {len(state['ranks'])} "
+          f"wd_scale {[g['wd_scale'] for g in engine.param_groups]}")
