@@ -143,3 +143,33 @@ def test_zero2_checkpoint_resumes_at_zero3(root, preempted):
     assert abs(resumed[5] - loss[4]) < (loss[1] - loss[4]) / 3
     assert by_step(run, "samples")[6] == 6 * 2 * BATCH
     assert json.loads((run / "environment.json").read_text())["zero_stage"] == 3
+
+
+TOKENIZER_DRIVER = """
+import sys
+from mimkit.tokenizers.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_tokenizer_resumes_on_one_rank_with_its_codebook_statistics(root):
+    """PeCo (EMA codebook) on 2 ranks, preempted after step 4, resumed on 1 rank: the codebook (a buffer
+    the EMA writes, which DeepSpeed's universal load skips) and the weights come back exactly, the step and
+    samples seen continue."""
+    driver = root / "tok_driver.py"
+    driver.write_text(TOKENIZER_DRIVER)
+    base = ["--config", ROOT / "configs" / "tokenizers" / "peco_tiny_cpu.yaml", f"data.shards={root / 'demo' / 'shards'}",
+            f"run.root={root / 'runs'}", "run.name=tok", "data.batch_size=4", "run.log_every=1", "run.usage_every=100",
+            "run.picture_every=0"]
+    proc = _helper.run_torchrun(driver, [*base, "run.steps=6", "debug.signal_at_step=4"], nproc=2, cwd=ROOT, check=False)
+    run = root / "runs" / "tok"
+    assert proc.returncode != 0 and (run / "checkpoints" / "latest").read_text() == "step_00000004", proc.stdout[-3000:]
+    saved = load_tensors_only(run / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt")["module"]
+    _helper.run_torchrun(driver, [*base, "run.steps=4"], nproc=1, cwd=ROOT)  # resume, no step: export what it loaded
+    exported = load_file(run / "export" / "model.safetensors")
+    # the codebook is a buffer the EMA writes (as are its EMA sums and counts, put back by the same code)
+    assert "quantizer.embedding" in exported and "tokenizer.quantizer.ema_count" in saved
+    for k in exported:
+        assert torch.equal(exported[k], saved[f"tokenizer.{k}"].to(exported[k].dtype)), k
+    meta = json.loads((run / "export" / "mimkit.json").read_text())
+    assert meta["step"] == 4 and meta["samples_seen"] == 4 * 2 * 4

@@ -408,6 +408,17 @@ def _universal_loading(ds_engine):
         config.load_universal_checkpoint = before
 
 
+def _load_buffers(module: torch.nn.Module, universal_dir: Path) -> None:
+    """DeepSpeed's universal load restores parameters from ``zero/`` and skips the module state, buffers
+    included (0.19): a codebook's EMA statistics, counters. They are not partitioned under any stage, so
+    they come from the saved module state as they are."""
+    saved = load_tensors_only(universal_dir / "mp_rank_00_model_states.pt")["module"]
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in saved:
+                buffer.copy_(saved[name])
+
+
 def _reseed(rank: int, step: int) -> None:
     """Fresh RNG states on a new world size (the saved ones belong to other ranks): a function of the
     setup's per-rank seed (``torch.initial_seed``) and the step, so no two ranks and no two resumes agree."""
@@ -530,6 +541,7 @@ class CheckpointStore:
         if universal:
             for group, own in zip(engine.param_groups, settings):
                 group.update(own)
+            _load_buffers(engine.module, found)
         engine.load_state_dict(state.get("engine", {}))
         if len(state["ranks"]) == engine.world_size:
             mine = state["ranks"][engine.rank]
