@@ -173,3 +173,42 @@ def test_tokenizer_resumes_on_one_rank_with_its_codebook_statistics(root):
         assert torch.equal(exported[k], saved[f"tokenizer.{k}"].to(exported[k].dtype)), k
     meta = json.loads((run / "export" / "mimkit.json").read_text())
     assert meta["step"] == 4 and meta["samples_seen"] == 4 * 2 * 4
+
+
+FT_ENTRY = Path(__file__).parent / "dist_scripts_ft" / "finetune_exit_entry.py"
+
+
+def test_finetune_preempted_on_two_processes_resumes_on_one(root):
+    """accelerate keeps weights and optimizer state whole, and batches are global (split across processes):
+    a run preempted on 2 processes resumes on 1 with nothing converted, and, with no randomness per process
+    (no augmentation, no drop path), repeats the uninterrupted 2-process run's losses to float rounding."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    data = root / "ft_data"
+    for split, n in (("train", 12), ("val", 2)):  # 4 classes, a colour each plus noise
+        for c in range(4):
+            (data / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                base = torch.tensor([(c & 1) * 200.0, (c >> 1) * 200.0, 100.0]).view(3, 1, 1)
+                pixels = (base + 60 * torch.rand(3, 32, 32, generator=g)).clamp(0, 255).byte()
+                Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(data / split / f"c{c}" / f"{i}.png")
+    common = ["--config", ROOT / "configs" / "finetune" / "tiny_cpu.yaml", f"run.root={root / 'ft'}", f"data.root={data}",
+              "optim.epochs=2", "optim.warmup_epochs=0.5", "aug.enabled=false", "model.drop_path=0.0",
+              "data.batch_size=8", "data.eval_batch_size=4", "run.save_every=1", "run.log_every=1"]
+    exits = root / "ft_exits"
+    exits.mkdir()
+    _helper.run_torchrun(FT_ENTRY, [*common, "run.name=straight", "--then", *common, "run.name=cut",
+                                    "debug.signal_at_step=8", "debug.signal_rank=1"],
+                         nproc=2, cwd=root, check=False, MIMKIT_EXIT_DIR=str(exits))
+    cut = root / "ft" / "cut"
+    assert (cut / "checkpoints" / "latest").read_text() == "epoch_0001_step_00000008"
+    _helper.run_torchrun(FT_ENTRY, [*common, "run.name=cut"], nproc=1, cwd=root, MIMKIT_EXIT_DIR=str(exits))
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
+
+    straight, resumed = losses(root / "ft" / "straight"), losses(cut)
+    assert sorted(resumed) == sorted(straight) == list(range(1, 13))  # 2 epochs of 6 steps, none lost
+    for step in range(9, 13):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-4, abs=1e-6), (step, resumed, straight)
