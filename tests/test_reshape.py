@@ -182,18 +182,8 @@ def test_finetune_preempted_on_two_processes_resumes_on_one(root):
     """accelerate keeps weights and optimizer state whole, and batches are global (split across processes):
     a run preempted on 2 processes resumes on 1 with nothing converted, and, with no randomness per process
     (no augmentation, no drop path), repeats the uninterrupted 2-process run's losses to float rounding."""
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    data = root / "ft_data"
-    for split, n in (("train", 12), ("val", 2)):  # 4 classes, a colour each plus noise
-        for c in range(4):
-            (data / split / f"c{c}").mkdir(parents=True)
-            for i in range(n):
-                base = torch.tensor([(c & 1) * 200.0, (c >> 1) * 200.0, 100.0]).view(3, 1, 1)
-                pixels = (base + 60 * torch.rand(3, 32, 32, generator=g)).clamp(0, 255).byte()
-                Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(data / split / f"c{c}" / f"{i}.png")
-    common = ["--config", ROOT / "configs" / "finetune" / "tiny_cpu.yaml", f"run.root={root / 'ft'}", f"data.root={data}",
+    common = ["--config", ROOT / "configs" / "finetune" / "tiny_cpu.yaml", f"run.root={root / 'ft'}",
+              f"data.root={root / 'demo' / 'imagefolder'}", "data.label_fraction=0.25",
               "optim.epochs=2", "optim.warmup_epochs=0.5", "aug.enabled=false", "model.drop_path=0.0",
               "data.batch_size=8", "data.eval_batch_size=4", "run.save_every=1", "run.log_every=1"]
     exits = root / "ft_exits"
@@ -209,6 +199,6 @@ def test_finetune_preempted_on_two_processes_resumes_on_one(root):
         return {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
 
     straight, resumed = losses(root / "ft" / "straight"), losses(cut)
-    assert sorted(resumed) == sorted(straight) == list(range(1, 13))  # 2 epochs of 6 steps, none lost
+    assert sorted(resumed) == sorted(straight) == list(range(1, 13))  # 2 epochs of 48 images / 8, none lost
     for step in range(9, 13):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-4, abs=1e-6), (step, resumed, straight)
