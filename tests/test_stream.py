@@ -225,7 +225,9 @@ def test_another_world_size_continues_the_epoch_by_samples(tmp_path):
     # fresh orders, not rank 0's unchanged stream continued (that would repeat what rank 0 serves next)
     assert rest[:2] != [b["key"] for b in take(ranks[0], 2)]
     fresh = build_stream(cfg, rank=0, world_size=1)
-    assert len(list(fresh)) == 6  # epoch 0 of a 1-rank run; then the resumed one's epoch 1 is its epoch 1
+    epoch0 = [b["key"] for b in fresh]
+    assert len(epoch0) == 6 and rest[:6] != epoch0  # not epoch 0 of a 1-rank run replayed from its start
+    # ...and the resumed run's next epoch is an ordinary 1-rank epoch 1
     assert [b["key"] for b in take(alone, 1)] == [b["key"] for b in take(fresh, 1)]
     # back on 2 ranks mid-way through the resampled epoch: 16 - 3 x 2 = 10 samples left -> 3 batches each
     again = one_rank()

@@ -17,6 +17,10 @@ the ranks sharing the files, and falls back from a damaged ``latest`` to the new
 verifies (``resume=strict``: stops instead); DeepSpeed then reads every file through the allow-listed
 unpickler of :mod:`mimkit.checkpoint.safe_load`, so a file carrying code is refused, never run.
 
+Another world size or ZeRO stage: rank 0 converts the chosen checkpoint once with DeepSpeed's
+``ds_to_universal`` into ``checkpoints/universal/step_N/`` (atomically, recorded and verified like a save,
+reused), and every rank loads it with DeepSpeed's universal loading, every file read through the allow-list.
+
 The pieces any checkpoint layout needs alike (the ``latest`` pointer published after every rank has
 written, the ``resume`` search, the RNG state) are plain functions, so fine-tuning's own layout uses the
 same code: :func:`publish_latest`, :func:`latest_tag`, :func:`resolve_resume`, :func:`rng_state`.

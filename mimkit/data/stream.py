@@ -17,7 +17,8 @@ checkpoint and resuming must be cheap and identical on every rank. This reader g
 * Augmentation randomness (`random`, `numpy`, `torch`, and a mask generator's `reseed`) is seeded per
   batch from (seed, rank, worker, epoch, batch index), so skipped batches need not be replayed.
 * Each rank yields exactly `batches_per_epoch` batches per epoch whatever the shard sizes, so ranks
-  never wait for each other at an epoch end. Worker w serves the global batches i with i % W == w;
+  never wait for each other at an epoch end. A resume on another world size continues by samples
+  (`StreamLoader`: the rest of the epoch is resampled). Worker w serves the global batches i with i % W == w;
   PyTorch's DataLoader delivers them round-robin, which is exactly that order.
 
 Measured (bench/data.py, BENCHMARKS.md): reading tars with `tarfile` costs well under 5 % of the decode
