@@ -57,6 +57,12 @@ class PretrainStep:
         self.lr = 0.0
         self.saved_step = -1
         self.batches_seen = 0  # by this process, in this run
+        self.samples_offset = 0  # set on resume: samples seen = step x global batch + this (see `samples`)
+
+    def samples(self, step: int) -> int:
+        """Samples seen by the end of `step`: the checkpoint's count plus this run's global batches (a run
+        resumed on another world size has another global batch than the steps before it)."""
+        return step * self.global_batch + self.samples_offset
 
     def begin_step(self, step: int) -> None:
         self.engine.set_schedule(self.schedule.lr_at(step), self.schedule.weight_decay_at(step))
@@ -85,7 +91,7 @@ class PretrainStep:
 
     def save(self, step: int) -> None:
         cfg = self.cfg
-        client = {"samples": step * self.global_batch, "objective": cfg.objective, "config": to_dict(cfg),
+        client = {"samples": self.samples(step), "objective": cfg.objective, "config": to_dict(cfg),
                   "export_meta": {"method": cfg.objective, "tokenizer": None, "teacher": None,
                                   **self.objective.export_meta}}
         self.store.save(self.engine, step, client, rank_state={"stream": self.stream.state_dict()})
@@ -142,19 +148,20 @@ def train(cfg: PretrainConfig) -> int:
     stream = build_stream(cfg.data, rank=rank, world_size=world, masks=stream_masks,
                           second_view=objective.second_view)
     store = CheckpointStore(run_dir / "checkpoints", cfg.run.keep)
+    body = PretrainStep(cfg, engine, objective, stream, schedule, store, run_dir)
     step = 0
     loaded = store.load(engine, cfg.run.resume)
     if loaded is not None:
         state, mine = loaded
         step = int(state["step"])
         stream.load_state_dict(mine["stream"])
+        body.samples_offset = int(state.get("samples", step * global_batch)) - step * global_batch
     if rank == 0:
         describe_run(cfg, engine, objective, schedule, run_dir, step, loaded is not None)
 
-    body = PretrainStep(cfg, engine, objective, stream, schedule, store, run_dir)
     loop = LoopConfig(steps=cfg.run.steps, grad_accum=cfg.engine.grad_accum, log_every=cfg.run.log_every,
                       save_every=cfg.run.save_every, samples_per_step=global_batch, faults=cfg.debug,
-                      totals=SKIP_TOTALS)
+                      totals=SKIP_TOTALS, samples_offset=body.samples_offset)
     logger = MetricsLogger(run_dir)
     bar = progress(total=cfg.run.steps, initial=step, desc=cfg.objective, unit="step")
     knn.start(engine, logger, step, write=bar.write)  # a fresh run: the curve's starting point
@@ -188,7 +195,7 @@ def log_end(logger: MetricsLogger, engine: Engine, body: PretrainStep, step: int
     ranks = [mine.clone() for _ in range(engine.world_size)]
     if dist.is_initialized() and engine.world_size > 1:
         dist.all_gather(ranks, mine)
-    logger.log(step, samples=step * body.global_batch, batches_per_rank=[int(r[0]) for r in ranks],
+    logger.log(step, samples=body.samples(step), batches_per_rank=[int(r[0]) for r in ranks],
                skipped_steps=engine.skipped_steps, **skip_totals(body.stream, engine.device), event="end")
 
 

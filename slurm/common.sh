@@ -67,6 +67,13 @@ mimkit_srun() {
   # Ranks that saved for preemption (or finished) exit together, well inside 30 s; the peers of a
   # crashed rank are ended, not left waiting in a collective (NCCL notices a dead peer only at the
   # engine's collective timeout). A crashed rank's DataLoader workers die with it (PR_SET_PDEATHSIG).
+  # The task count of this start, from the job's live record: a requeued job may come back on another
+  # number of nodes (sbatch --nodes=MIN-MAX) or tasks (scontrol update JobId=... NumTasks=...), while
+  # SLURM_NTASKS in the batch environment keeps the first start's count. The run resumes on the new
+  # world size from the same checkpoint (converted once to DeepSpeed's universal form).
+  local ntasks
+  ntasks=$(scontrol show job -o "${SLURM_JOB_ID:-none}" 2>/dev/null | grep -o 'NumTasks=[0-9]*' | cut -d= -f2)
+  [ -n "$ntasks" ] && opts=(--ntasks="$ntasks" "${opts[@]}")
   local cmd=(srun --kill-on-bad-exit=0 --wait=30 --open-mode=append --output "$LOG_DIR/%j-rank%t.out" "${opts[@]}"
              "$PYTHON" -m mimkit.distributed.env "$@")
   if [ -n "${MIMKIT_DRY_RUN:-}" ]; then

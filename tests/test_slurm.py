@@ -365,6 +365,38 @@ def test_sbatch_pretrain_preempted_saves_requeues_and_finishes_without_lost_step
     assert json.loads((run_dir / "environment.json").read_text())["resumed_from_step"] == stop
 
 
+@pytest.mark.timeout(360)
+def test_sbatch_pretrain_preempted_at_two_tasks_is_requeued_at_one_and_loses_no_step(slurm_cluster, pretrain_assets):
+    """The requeued job comes back with 1 task instead of 2 (on a real cluster: fewer nodes, with
+    `sbatch --nodes=MIN-MAX`; here one node, so the pending job's task count is changed by hand): the
+    script starts as many ranks as the allocation has, and the run resumes from the 2-rank checkpoint
+    through DeepSpeed's universal form."""
+    root, overrides = pretrain_assets
+    steps = 40
+    job = sbatch(ROOT / "slurm" / "pretrain.sh", [str(PRETRAIN_PRESET), *overrides(steps)], root,
+                 job_env(RUN_ROOT=str(root / "runs")), cwd=ROOT)
+    run_dir = root / "runs" / f"pretrain-{job}"
+    wait_for(lambda: len(loss_steps(run_dir)) >= 2, 180, "2 logged steps")
+    assert run(["scancel", "--signal=USR1", job]).returncode == 0
+    wait_for(lambda: job_info(job).get("Restarts") == "1" and job_info(job).get("JobState") == "PENDING", 120,
+             "the requeued job, pending")
+    update = run(["scontrol", "update", f"JobId={job}", "NumTasks=1", "TasksPerNode=1", "MinCPUsNode=1"])
+    assert update.returncode == 0, update.stderr
+    info = wait_for_job(job, 240)
+    logs = show_logs(run_dir)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", logs
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stop = [r["step"] for r in records if r.get("event") == "preempted"]
+    assert len(stop) == 1 and stop[0] < steps, logs
+    assert [r["step"] for r in loss_steps(run_dir)] == list(range(1, steps + 1)), logs  # no step lost or repeated
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["world_size"] == 1 and env["resumed_from_step"] == stop[0], env
+    assert (run_dir / "checkpoints" / "universal" / f"step_{stop[0]:08d}" / "complete.json").is_file()
+    end = [r for r in records if r.get("event") == "end"]
+    assert end[0]["samples"] == stop[0] * 16 + (steps - stop[0]) * 8, end  # 2 x 8 a step, then 1 x 8
+    assert_exported(run_dir, steps)
+
+
 # -- mimkit submit: the CLI through submitit, on the test Slurm and with the local executor --------------
 
 

@@ -365,3 +365,41 @@ def test_a_failed_stream_is_retried_later_up_to_the_limit(tmp_path):
         assert len(samples) == 2 * 3 * RETRY_AFTER
         assert len(calls.read_text().splitlines()) == expected
         assert worker.skips.counts == {"pipe failed": expected, "unreadable shard": 1}
+def test_another_world_size_continues_the_epoch_by_samples(tmp_path):
+    """2 ranks stop 2 batches into a 6-batch epoch (24 samples of 2 x 6 x 2); the rest (16 samples) is
+    resampled on 1 rank: 8 fresh batches of 2, seeded (the same on every load), then ordinary epochs."""
+    cfg = small_config(make_shards(tmp_path, [8, 8, 8]), batches_per_epoch=6)
+    ranks = [build_stream(cfg, rank=r, world_size=2) for r in range(2)]
+    for loader in ranks:
+        take(loader, 2)
+    state = ranks[0].state_dict()
+    assert state == ranks[1].state_dict() and state["world_size"] == 2
+
+    def one_rank():
+        loader = build_stream(cfg, rank=0, world_size=1)
+        loader.load_state_dict(state)
+        return loader
+
+    alone = one_rank()
+    assert alone.batches_this_epoch == 8  # (24 - 2 x 2 x 2) / 2
+    rest = [b["key"] for b in alone]
+    assert len(rest) == 8 and alone.state_dict()["epoch"] == 1 and alone.state_dict()["batch"] == 0
+    assert rest == [b["key"] for b in one_rank()]  # seeded: a second resume draws the same
+    # fresh orders, not rank 0's unchanged stream continued (that would repeat what rank 0 serves next)
+    assert rest[:2] != [b["key"] for b in take(ranks[0], 2)]
+    fresh = build_stream(cfg, rank=0, world_size=1)
+    epoch0 = [b["key"] for b in fresh]
+    assert len(epoch0) == 6 and rest[:6] != epoch0  # not epoch 0 of a 1-rank run replayed from its start
+    # ...and the resumed run's next epoch is an ordinary 1-rank epoch 1
+    assert [b["key"] for b in take(alone, 1)] == [b["key"] for b in take(fresh, 1)]
+    # back on 2 ranks mid-way through the resampled epoch: 16 - 3 x 2 = 10 samples left -> 3 batches each
+    again = one_rank()
+    take(again, 3)
+    two = [build_stream(cfg, rank=r, world_size=2) for r in range(2)]
+    for loader in two:
+        loader.load_state_dict(again.state_dict())
+    assert [len(list(loader)) for loader in two] == [3, 3] and two[0].state_dict()["epoch"] == 1
+    # an unchanged world size keeps the exact position
+    same = build_stream(cfg, rank=1, world_size=2)
+    same.load_state_dict(state)
+    assert [b["key"] for b in take(same, 2)] == [b["key"] for b in take(ranks[1], 2)]

@@ -117,6 +117,10 @@ class TokenizerStep:
         self.global_batch = data_cfg.batch_size * engine.world_size * cfg.engine.grad_accum
         self.usage = CodeUsage(engine.module.tokenizer.vocab_size, engine.device)
         self.lr = 0.0
+        self.samples_offset = 0  # set on resume: samples seen = step x global batch + this (another world size)
+
+    def samples(self, step: int) -> int:
+        return step * self.global_batch + self.samples_offset
 
     def begin_step(self, step: int) -> None:
         self.engine.set_schedule(self.schedule.lr_at(step), self.schedule.weight_decay_at(step))
@@ -146,7 +150,7 @@ class TokenizerStep:
         return metrics
 
     def save(self, step: int) -> None:
-        self.store.save(self.engine, step, {"samples": step * self.global_batch, "config": to_dict(self.cfg)},
+        self.store.save(self.engine, step, {"samples": self.samples(step), "config": to_dict(self.cfg)},
                         self.stream.state_dict())
 
     def report_usage(self, step: int, log) -> None:
@@ -154,7 +158,7 @@ class TokenizerStep:
         if step % self.cfg.run.usage_every and step != self.cfg.run.steps:
             return
         stats, counts = self.usage.report()
-        log(step, samples=step * self.global_batch, **stats)
+        log(step, samples=self.samples(step), **stats)
         if self.engine.rank == 0 and step == self.cfg.run.steps:
             from mimkit.pictures import save_codebook_usage
 
@@ -199,20 +203,20 @@ def train(cfg: TokenizerTrainConfig) -> Path:
     teacher = build_vqkd_teacher(cfg).to(engine.device) if cfg.kind == "vqkd" else None
     stream = build_stream(data_cfg, rank=engine.rank, world_size=engine.world_size)
     store = CheckpointStore(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
+    one_batch = build_stream(dataclasses.replace(data_cfg, num_workers=0, batches_per_epoch=1), rank=0, world_size=1)
+    fixed = stream.device_transform(next(iter(one_batch)))["image"][: cfg.run.picture_count].to(engine.device)
+    body = TokenizerStep(cfg, data_cfg, engine, stream, Schedule.from_config(cfg.optim, cfg.run.steps, global_batch),
+                         store, teacher, perceptual, run_dir, fixed)
     step = 0
     resumed = store.load(engine, cfg.run.resume)
     if resumed is not None:
         state, data_state = resumed
         step = int(state["step"])
         stream.load_state_dict(data_state)
-    one_batch = build_stream(dataclasses.replace(data_cfg, num_workers=0, batches_per_epoch=1), rank=0, world_size=1)
-    fixed = stream.device_transform(next(iter(one_batch)))["image"][: cfg.run.picture_count].to(engine.device)
-
-    body = TokenizerStep(cfg, data_cfg, engine, stream, Schedule.from_config(cfg.optim, cfg.run.steps, global_batch),
-                         store, teacher, perceptual, run_dir, fixed)
+        body.samples_offset = int(state.get("samples", step * global_batch)) - step * global_batch
     loop = LoopConfig(steps=cfg.run.steps, grad_accum=cfg.engine.grad_accum, log_every=cfg.run.log_every,
                       save_every=cfg.run.save_every, samples_per_step=global_batch, faults=cfg.debug,
-                      totals=SKIP_TOTALS)
+                      totals=SKIP_TOTALS, samples_offset=body.samples_offset)
     logger = MetricsLogger(run_dir)
     bar = progress(total=cfg.run.steps, desc=f"tokenizers/{cfg.kind}", initial=step)
     flag = PreemptionFlag().install()
@@ -220,11 +224,11 @@ def train(cfg: TokenizerTrainConfig) -> Path:
         step = train_loop(body, endless(stream), loop, step, rank=engine.rank, device=engine.device, flag=flag,
                           log=logger.log, bar=bar, hooks=[lambda s: body.report_usage(s, logger.log), body.picture],
                           on_window=lambda s, m: {"lr": body.lr, "skipped_steps": engine.skipped_steps})
-        logger.log(step, samples=step * global_batch, skipped_steps=engine.skipped_steps,
+        logger.log(step, samples=body.samples(step), skipped_steps=engine.skipped_steps,
                    **skip_totals(stream, engine.device), event="end")
         with engine.full_parameters():
             if engine.rank == 0:
-                write_export(cfg, engine.module.tokenizer, fixed, run_dir, step, step * global_batch, teacher, data_cfg)
+                write_export(cfg, engine.module.tokenizer, fixed, run_dir, step, body.samples(step), teacher, data_cfg)
     finally:
         bar.close()
         logger.close()

@@ -40,7 +40,7 @@ from mimkit.checkpoint.export_format import (EXPORT_META_FIELDS, EXPORT_META_KEY
                                              read_export_meta, shard_list_hash, vit_config_from_architecture,
                                              write_export, write_weights)
 from mimkit.checkpoint.safe_load import CheckpointError, load_tensors_only
-from mimkit.checkpoint.store import COMPLETE, LATEST, summarize_problems, inspect_checkpoint
+from mimkit.checkpoint.store import COMPLETE, LATEST, UNIVERSAL, summarize_problems, inspect_checkpoint
 from mimkit.models.vit import ViTConfig, VisionTransformer
 
 _STEP_TAG = re.compile(r"^step_(\d+)$")
@@ -72,11 +72,16 @@ def verify_files(tag_dir: Path) -> None:
 
 
 # ---- finding a finished checkpoint ---------------------------------------------------------------
-def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
-    """The tag folder of ``step`` (default: the one ``latest`` names); refuse half-written ones."""
-    ckpts = run_dir / "checkpoints"
+def find_checkpoint(run_dir: Path, step: Optional[int] = None, universal: bool = False) -> Path:
+    """The tag folder of ``step`` (default: the one ``latest`` names); refuse half-written ones. ``universal``:
+    the universal form of it in ``checkpoints/universal/`` (default: the newest there), which a resume on
+    another world size or ZeRO stage wrote."""
+    ckpts = run_dir / "checkpoints" / (UNIVERSAL if universal else "")
     if not ckpts.is_dir():
-        raise ExportError(f"{run_dir} is not a run folder with checkpoints ({ckpts} is missing)")
+        raise ExportError(f"{run_dir} is not a run folder with {'universal ' if universal else ''}checkpoints "
+                          f"({ckpts} is missing)")
+    if step is None and universal:
+        step = max((int(m.group(1)) for p in ckpts.iterdir() if (m := _STEP_TAG.match(p.name))), default=-1)
     if step is None:
         pointer = ckpts / LATEST
         if not pointer.is_file():
@@ -177,7 +182,11 @@ def consolidate_fp32(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     buffers = set(first.get("buffer_names") or [])
     notes: dict[str, Any] = {"zero_stage": stage, "world_size": world, "low_precision": []}
 
-    if stage == 0:
+    if (tag_dir / "zero").is_dir():  # DeepSpeed's universal form: one fp32.pt per parameter, whole
+        notes["zero_stage"] = f"universal (from ZeRO-{stage})"
+        trained = {p.name: load_checkpoint_file(p / "fp32.pt")["param"].float()
+                   for p in sorted((tag_dir / "zero").iterdir()) if (p / "fp32.pt").is_file()}
+    elif stage == 0:
         opt = first.get("optimizer") or {}
         candidates = [k for k in module if k not in buffers]
         if all(module[k].dtype == torch.float32 for k in candidates):
@@ -307,11 +316,12 @@ def _load_run_config(run_dir: Path) -> dict:
 
 
 def export_run(run_dir: str | os.PathLike, step: Optional[int] = None, timm: bool = False,
-               out_dir: str | os.PathLike | None = None) -> Path:
-    """Export the checkpoint of ``step`` (default: latest) of a pretraining run; returns the export folder."""
+               out_dir: str | os.PathLike | None = None, universal: bool = False) -> Path:
+    """Export the checkpoint of ``step`` (default: latest) of a pretraining run, or with ``universal`` its
+    universal form; returns the export folder."""
     run_dir = Path(run_dir)
     cfg = _load_run_config(run_dir)
-    tag_dir = find_checkpoint(run_dir, step)
+    tag_dir = find_checkpoint(run_dir, step, universal)
     verify_files(tag_dir)
     state, client, notes = consolidate_fp32(tag_dir)
     enc = encoder_state(state)
@@ -353,9 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="export this step (default: latest)")
     parser.add_argument("--timm", action="store_true", help="also write timm_model.safetensors")
     parser.add_argument("--out", default=None, help="export folder (default: RUN/export)")
+    parser.add_argument("--universal", action="store_true",
+                        help="export the checkpoint's universal form (checkpoints/universal/, written by a resume on "
+                             "another world size or ZeRO stage)")
     args = parser.parse_args(argv)
     try:
-        out = export_run(args.run_dir, args.step, timm=args.timm, out_dir=args.out)
+        out = export_run(args.run_dir, args.step, timm=args.timm, out_dir=args.out, universal=args.universal)
     except ExportError as err:
         print(f"mimkit export: {err}", file=sys.stderr)
         return 1

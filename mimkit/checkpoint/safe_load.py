@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -19,6 +20,7 @@ from typing import Any, BinaryIO
 import torch
 
 _CHUNK = 8 << 20  # read size for hashing: large enough that Python overhead is negligible
+_TORCH_LOAD = torch.load  # the real reader, kept while :func:`every_torch_load_tensors_only` swaps it
 
 
 class CheckpointError(RuntimeError):
@@ -59,10 +61,26 @@ def load_tensors_only(path: str | os.PathLike | BinaryIO, map_location: Any = "c
     tensors map the file instead of being copied, so a scan costs the pickle, not the data."""
     try:
         with torch.serialization.safe_globals(deepspeed_record_types()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return _TORCH_LOAD(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointFile(f"{name or path}: refused to unpickle: it holds objects other than tensors, plain "
                                    f"containers and DeepSpeed's records ({str(err).splitlines()[0]})") from err
+
+
+@contextlib.contextmanager
+def every_torch_load_tensors_only():
+    """For the length of a block, every ``torch.load`` in this process is :func:`load_tensors_only`, whatever
+    ``weights_only`` its caller passed. DeepSpeed's universal-checkpoint converter and its universal loader
+    call ``torch.load(weights_only=False)`` directly (not through the engine's checkpoint reader), so this is
+    the one way to keep them from unpickling code. Single-threaded use: the swap is process-wide."""
+    def reader(f, map_location=None, *args, **kwargs):
+        return load_tensors_only(f, map_location, mmap=bool(kwargs.get("mmap")))
+
+    torch.load = reader
+    try:
+        yield
+    finally:
+        torch.load = _TORCH_LOAD
 
 
 def file_digest(path: str | os.PathLike, sync: bool = False) -> dict[str, Any]:

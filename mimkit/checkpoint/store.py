@@ -19,6 +19,10 @@ damaged ``latest`` to the newest checkpoint that verifies (``resume=strict``: st
 reads every file through the allow-listed unpickler of :mod:`mimkit.checkpoint.safe_load`, so a file
 carrying code is refused, never run.
 
+Another world size or ZeRO stage: rank 0 converts the chosen checkpoint once with DeepSpeed's
+``ds_to_universal`` into ``checkpoints/universal/step_N/`` (atomically, recorded and verified like a save,
+reused), and every rank loads it with DeepSpeed's universal loading, every file read through the allow-list.
+
 The pieces any checkpoint layout needs alike (the ``latest`` pointer published after every rank has
 written, the ``resume`` search, the RNG state) are plain functions, so fine-tuning's own layout uses the
 same code: :func:`publish_latest`, :func:`latest_tag`, :func:`resolve_resume`, :func:`rng_state`.
@@ -27,6 +31,7 @@ same code: :func:`publish_latest`, :func:`latest_tag`, :func:`resolve_resume`, :
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -42,11 +47,12 @@ import torch
 import torch.distributed as dist
 
 from mimkit.checkpoint.export_format import write_atomic
-from mimkit.checkpoint.safe_load import (CheckpointError, UnsafeCheckpointFile, file_digest, hash_mismatch,
-                                         inspect_file, load_tensors_only)
+from mimkit.checkpoint.safe_load import (CheckpointError, UnsafeCheckpointFile, every_torch_load_tensors_only,
+                                         file_digest, hash_mismatch, inspect_file, load_tensors_only)
 
 LATEST = "latest"
 COMPLETE = "complete.json"
+UNIVERSAL = "universal"  # checkpoints/universal/step_X: DeepSpeed's universal form of checkpoints/step_X
 RESUME_MODES = ("auto", "strict", "none")  # or a checkpoint folder
 _TAG = re.compile(r"^step_(\d{8})$")
 _ZERO_RANK = re.compile(r"zero_pp_rank_(\d+)_")
@@ -351,6 +357,153 @@ def choose_checkpoint(resume: str, directory: str | os.PathLike, required: str =
     return None
 
 
+# -- another world size or ZeRO stage: DeepSpeed's universal checkpoint --------------------------------
+def saved_layout(tag_dir: Path) -> tuple[int | None, str]:
+    """(world size, partitioning) a DeepSpeed tag was saved with: its record's world size (None when it has
+    none) and, from the file names DeepSpeed gives, ``"zero3"`` (a parameter partition per rank),
+    ``"zero12"`` (an optimizer partition per rank: stages 1 and 2 share the layout) or ``"full"`` (stage 0)."""
+    record = _record_of(tag_dir) or {}
+    names = [p.name for p in tag_dir.iterdir()]
+    if any(_ZERO_RANK.search(n) and n.endswith("_model_states.pt") for n in names):
+        layout = "zero3"
+    elif any(n.endswith("_optim_states.pt") for n in names):
+        layout = "zero12"
+    else:
+        layout = "full"
+    world = record.get("world_size")
+    return (int(world) if world is not None else None), layout
+
+
+def layout_of(world_size: int, zero_stage: int) -> tuple[int, str]:
+    return world_size, {0: "full", 1: "zero12", 2: "zero12", 3: "zero3"}[zero_stage]
+
+
+def needs_universal(saved: tuple[int | None, str], running: tuple[int, str]) -> bool:
+    """Whether a checkpoint saved as ``saved`` must go through the universal form to load as ``running``.
+    Stage 0 keeps every tensor on every rank, so it loads on any world size as it is; DeepSpeed's converter
+    reads optimizer partitions, so a change between stage 0 and a ZeRO stage is refused (one line)."""
+    (world, layout), (now_world, now_layout) = saved, running
+    if layout == now_layout and (world in (None, now_world) or layout == "full"):
+        return False
+    if "full" in (layout, now_layout):
+        raise CheckpointError(f"the checkpoint was saved with {world} rank(s) at {layout}, this run has {now_world} at "
+                              f"{now_layout}: DeepSpeed's universal checkpoint converts between ZeRO stages 1-3 "
+                              "(any world size) and stage 0 loads on any world size, but not between stage 0 and 1-3")
+    return True
+
+
+def convert_to_universal(tag_dir: Path, out: Path) -> None:
+    """One process: DeepSpeed's ``ds_to_universal`` on ``tag_dir`` (already verified and scanned), into a
+    temporary folder beside ``out`` then renamed, so ``out`` is whole or absent. Every file the converter
+    reads, it reads through the allow-listed unpickler; the record written into the folder holds the size
+    and SHA-256 of every file, as a save's does."""
+    import argparse
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    chatter = io.StringIO()  # its progress bars and prints: shown only when it fails
+    try:
+        with every_torch_load_tensors_only(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal.main(args)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"converting {tag_dir} to DeepSpeed's universal checkpoint failed: "
+                              f"{type(err).__name__}: {err}\n{chatter.getvalue()[-2000:]}") from err
+    (tmp.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; we name folders ourselves
+    # DeepSpeed's universal loader reads the client state from the model-states file the *loading* stage names
+    # (stages 1-2: mp_rank_00_..., stage 3: zero_pp_rank_0_mp_rank_00_...); the converter keeps the saving
+    # stage's name only, so the folder gets both and loads at any stage.
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    have = [n for n in names if (tmp / n).is_file()]
+    for name in names if have else ():
+        if not (tmp / name).is_file():
+            shutil.copyfile(tmp / have[0], tmp / name)
+    _optimizer_state_for_every_stage(tmp / "zero" / "optimizer_state.pt")
+    files = {str(p.relative_to(tmp)): file_digest(p, sync=True) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    record = dict(_record_of(tag_dir) or {}, source=tag_dir.name, format="deepspeed-universal", files=files)
+    write_atomic(tmp / COMPLETE, json.dumps(record))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def _optimizer_state_for_every_stage(path: Path) -> None:
+    """The converter writes ``zero/optimizer_state.pt`` in the saving stage's layout: from stages 1-2 without
+    the ``optimizer_state_dict`` (its Adam step, its groups) that DeepSpeed's stage-3 universal loader reads
+    (a KeyError there, DeepSpeed 0.19). Add what is missing, the step taken from the per-parameter
+    ``step.pt`` the converter wrote (the same for every parameter)."""
+    state = load_tensors_only(path)
+    if "optimizer_state_dict" not in state:
+        step = load_tensors_only(next(path.parent.glob("*/step.pt")))
+        state["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": state["param_groups"]}
+        torch.save(state, path)
+
+
+def universal_checkpoint(tag_dir: Path) -> Path:
+    """Collective: the universal form of the verified checkpoint ``tag_dir``, in ``checkpoints/universal/``:
+    rank 0 converts it once (reused while it verifies; converted again when it does not), then every rank
+    verifies it against its record and scans it for code, as a checkpoint before loading."""
+    out = tag_dir.parent / UNIVERSAL / tag_dir.name
+    for attempt in range(2):
+        error = None
+        if _rank() == 0 and (attempt or not (out / COMPLETE).is_file()):
+            _say(f"converting {tag_dir.name} to DeepSpeed's universal checkpoint in {out}")
+            try:
+                convert_to_universal(tag_dir, out)
+            except CheckpointError as err:
+                error = str(err)
+        error = _from_rank0(error)
+        if error:
+            raise CheckpointError(error)
+        found = verify_checkpoint(out)
+        if found["code"]:
+            raise UnsafeCheckpointFile(summarize_problems(found["code"]))
+        if not found["damaged"]:
+            return out
+        _say(f"refusing {out}: {summarize_problems(found['damaged'])}")
+    raise DamagedCheckpoint(f"{out} does not verify after converting it again")
+
+
+@contextlib.contextmanager
+def _universal_loading(ds_engine):
+    """DeepSpeed (0.19) reads its ``checkpoint.load_universal`` setting only when loading: on for one load,
+    with every ``torch.load`` of the universal loader (it reads the ``zero/`` files itself) allow-listed."""
+    config = ds_engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        with every_torch_load_tensors_only():
+            yield
+    finally:
+        config.load_universal_checkpoint = before
+
+
+def _load_buffers(module: torch.nn.Module, universal_dir: Path) -> None:
+    """DeepSpeed's universal load restores parameters from ``zero/`` and skips the module state, buffers
+    included (0.19): a codebook's EMA statistics, counters. They are not partitioned under any stage, so
+    they come from the saved module state as they are."""
+    saved = load_tensors_only(universal_dir / "mp_rank_00_model_states.pt")["module"]
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in saved:
+                buffer.copy_(saved[name])
+
+
+def _reseed(rank: int, step: int) -> None:
+    """Fresh RNG states on a new world size (the saved ones belong to other ranks): a function of the
+    setup's per-rank seed (``torch.initial_seed``) and the step, so no two ranks and no two resumes agree."""
+    seed = int.from_bytes(hashlib.blake2b(repr((torch.initial_seed(), rank, step)).encode(), digest_size=8).digest(),
+                          "little") >> 1
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.manual_seed(seed)
+
+
 @contextlib.contextmanager
 def _deepspeed_reads_tensors_only(ds_engine):
     """DeepSpeed (0.19) reads every checkpoint file through ``engine.checkpoint_engine.load``, which calls
@@ -418,7 +571,8 @@ class CheckpointStore:
         state["ranks"] = _gather({"rng": rng_state(), "user": rank_state})
         self.dir.mkdir(parents=True, exist_ok=True)
         engine.ds.save_checkpoint(str(self.dir), tag=tag, client_state=state, save_latest=False)
-        publish_latest(self.dir, tag, {"step": step, "world_size": engine.world_size}, self._prune,
+        publish_latest(self.dir, tag, {"step": step, "world_size": engine.world_size,
+                                       "zero_stage": engine.cfg.zero_stage}, self._prune,
                        written=_files_written_by(self.dir / tag, _rank()))
         return tag
 
@@ -430,6 +584,10 @@ class CheckpointStore:
         for p in self.dir.iterdir():
             if p.is_dir() and _TAG.match(p.name) and not self.is_complete(p.name) and p.name < newest:
                 shutil.rmtree(p, ignore_errors=True)
+        converted = self.dir / UNIVERSAL
+        for p in converted.iterdir() if converted.is_dir() else []:  # universal forms of pruned checkpoints
+            if p.is_dir() and not (self.dir / p.name).is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
     # -- loading -------------------------------------------------------------------------------------
     def load(self, engine, resume: str) -> tuple[dict[str, Any], Any] | None:
@@ -439,22 +597,38 @@ class CheckpointStore:
         loaded: dict[str, Any] = {}
 
         def deepspeed_load(found: Path) -> None:
-            with _deepspeed_reads_tensors_only(engine.ds):
+            saved = _from_rank0(saved_layout(found) if _rank() == 0 else None)
+            universal = needs_universal(saved, layout_of(engine.world_size, engine.cfg.zero_stage))
+            if universal:
+                _say(f"{found.name} was saved by {saved[0]} rank(s) ({saved[1]}), this run has {engine.world_size} "
+                     f"(ZeRO-{engine.cfg.zero_stage}): loading its universal form")
+                found = universal_checkpoint(found)
+            # the groups' own settings (lr_scale, wd_scale, betas: the run's config); DeepSpeed's stage-3
+            # universal loader gives every group the first saved group's (0.19), so they are put back after it
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in engine.param_groups]
+            with _deepspeed_reads_tensors_only(engine.ds), (
+                    _universal_loading(engine.ds) if universal else contextlib.nullcontext()):
                 path, loaded["state"] = engine.ds.load_checkpoint(str(found.parent), tag=found.name,
                                                                   load_optimizer_states=True,
                                                                   load_lr_scheduler_states=False)
             if path is None or loaded["state"] is None:
                 raise CheckpointError(f"DeepSpeed could not load {found}")
+            if universal:
+                for group, own in zip(engine.param_groups, settings):
+                    group.update(own)
+                _load_buffers(engine.module, found)
 
-        found = choose_checkpoint(resume, self.dir, load=deepspeed_load)
-        if found is None:
+        # the saved files are verified (sizes and the code scan before, hashes beside the load) whatever form
+        # is loaded: a universal form is made from them and verified against its own record too
+        if choose_checkpoint(resume, self.dir, load=deepspeed_load) is None:
             return None
-        load_dir, tag, state = found.parent, found.name, loaded["state"]
-        if state.get("world_size") != engine.world_size:
-            raise CheckpointError(
-                f"{load_dir / tag} was saved by {state.get('world_size')} ranks, this run has "
-                f"{engine.world_size}: convert it with DeepSpeed's universal checkpoint (ds_to_universal)")
+        state = loaded["state"]
         engine.load_state_dict(state.get("engine", {}))
-        mine = state["ranks"][engine.rank]
-        set_rng_state(mine["rng"])
-        return state, mine["user"]
+        if len(state["ranks"]) == engine.world_size:
+            mine = state["ranks"][engine.rank]
+            set_rng_state(mine["rng"])
+            return state, mine["user"]
+        # Another world size: the saved RNG states belong to other ranks, so each rank draws fresh ones;
+        # rank 0's entry carries what every rank shares (the stream position is the same on every rank).
+        _reseed(engine.rank, int(state["step"]))
+        return state, state["ranks"][0]["user"]

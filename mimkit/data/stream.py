@@ -17,7 +17,8 @@ checkpoint and resuming must be cheap and identical on every rank. This reader g
 * Augmentation randomness (`random`, `numpy`, `torch`, and a mask generator's `reseed`) is seeded per
   batch from (seed, rank, worker, epoch, batch index), so skipped batches need not be replayed.
 * Each rank yields exactly `batches_per_epoch` batches per epoch whatever the shard sizes, so ranks
-  never wait for each other at an epoch end. Worker w serves the global batches i with i % W == w;
+  never wait for each other at an epoch end. A resume on another world size continues by samples
+  (`StreamLoader`: the rest of the epoch is resampled). Worker w serves the global batches i with i % W == w;
   PyTorch's DataLoader delivers them round-robin, which is exactly that order.
 
 Measured (bench/data.py, BENCHMARKS.md): reading tars with `tarfile` costs well under 5 % of the decode
@@ -226,11 +227,12 @@ class EpochStream(torch.utils.data.IterableDataset):
 
     def __init__(self, cfg: DataConfig, sources: list[list[str]], weights: list[float], transform: Callable,
                  masks: MaskSource | None, rank: int, world_size: int, epoch: int, start: int,
-                 labels: LabelReader | None = None):
+                 labels: LabelReader | None = None, batches: int | None = None):
         super().__init__()
         self.cfg, self.sources, self.weights, self.labels = cfg, sources, weights, labels
         self.transform, self.masks = transform, masks
         self.rank, self.world_size, self.epoch, self.start = rank, world_size, epoch, start
+        self.batches = cfg.batches_per_epoch if batches is None else batches  # this rank's, in this epoch
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -239,10 +241,10 @@ class EpochStream(torch.utils.data.IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         first = self.start + physical  # first global batch of this physical worker
-        if first >= self.cfg.batches_per_epoch:
+        if first >= self.batches:
             return
         worker, local = first % workers, first // workers
-        yield from WorkerStream(self, worker).batches(local, range(first, self.cfg.batches_per_epoch, workers))
+        yield from WorkerStream(self, worker).batches(local, range(first, self.batches, workers))
 
 
 class WorkerStream:
@@ -375,7 +377,16 @@ def _bytes(value: bytes | MemberRef) -> bytes:
 
 class StreamLoader:
     """Iterate for one epoch (the rest of the current one after a resume); the position is
-    `state_dict()` = {"epoch", "batch", "seed", "skipped"}, identical on every rank."""
+    `state_dict()`, identical on every rank.
+
+    An epoch is `batches_per_epoch` batches on every rank, so `batches_per_epoch x batch_size x world_size`
+    samples. A resume on the same world size and per-rank batch size continues exactly where the stream
+    stopped. On another one (`load_state_dict` sees it) the stream continues by samples: the rest of the
+    epoch, from the samples already served to the epoch's end, is *resampled*: every new (rank, worker)
+    draws fresh shard orders seeded by (seed, epoch, the sample offset where the new layout starts, rank,
+    worker), and the epoch ends after the same number of samples, rounded up to a whole global batch of the
+    new layout; the epochs after it are ordinary epochs of the new layout. Samples served before the change
+    may come again in the resampled part (as with any resampling)."""
 
     def __init__(self, cfg: DataConfig, transform: Callable | None = None, rank: int = 0, world_size: int = 1,
                  masks: MaskSource | None = None, second_view: SecondView | None = None):
@@ -400,13 +411,33 @@ class StreamLoader:
                                                 color_jitter=cfg.color_jitter)
         self.epoch, self.batch, self.skipped = 0, 0, 0
         self.skipped_by = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # this process, since the run began
+        # The samples of the current epoch this layout serves, [start, end); start > 0 only in an epoch resampled
+        # after a world-size (or batch-size) change.
+        self.span = (0, self.epoch_samples)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.world_size
+
+    @property
+    def epoch_samples(self) -> int:
+        return self.cfg.batches_per_epoch * self.global_batch
+
+    @property
+    def batches_this_epoch(self) -> int:
+        """This rank's batches in the current epoch: `batches_per_epoch`, or in a resampled epoch what covers
+        the rest of its samples."""
+        start, end = self.span
+        return -(-(end - start) // self.global_batch)
 
     def __len__(self) -> int:
         return self.cfg.batches_per_epoch
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.cfg.seed, "skipped": self.skipped,
-                "skipped_by": dict(zip(SKIP_REASONS, self.skipped_by.tolist()))}
+                "skipped_by": dict(zip(SKIP_REASONS, self.skipped_by.tolist())),
+                "world_size": self.world_size, "batch_size": self.cfg.batch_size,
+                "span_start": self.span[0], "span_end": self.span[1]}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if int(state["seed"]) != self.cfg.seed:
@@ -415,12 +446,28 @@ class StreamLoader:
         self.skipped = int(state.get("skipped", 0))
         by = state.get("skipped_by", {})
         self.skipped_by = torch.tensor([int(by.get(r, 0)) for r in SKIP_REASONS], dtype=torch.long)
+        world, size = int(state.get("world_size", self.world_size)), int(state.get("batch_size", self.cfg.batch_size))
+        start = int(state.get("span_start", 0))
+        end = int(state.get("span_end", self.cfg.batches_per_epoch * size * world))
+        if (world, size) == (self.world_size, self.cfg.batch_size):
+            self.span = (start, end)
+            return
+        served = start + self.batch * size * world  # samples of this epoch served before the change
+        if served >= end:
+            self.epoch, self.batch, self.span = self.epoch + 1, 0, (0, self.epoch_samples)
+        else:
+            self.batch, self.span = 0, (served, end)
+
+    def _next_epoch(self) -> None:
+        self.epoch, self.batch, self.span = self.epoch + 1, 0, (0, self.epoch_samples)
 
     def __iter__(self) -> Iterator[dict]:
-        if self.batch >= self.cfg.batches_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
+        if self.batch >= self.batches_this_epoch:
+            self._next_epoch()
+        # a resampled epoch draws fresh seeded orders: its seeds take the epoch and the offset it starts at
+        seed_epoch = self.epoch if self.span[0] == 0 else derive_seed(self.epoch, self.span[0])
         dataset = EpochStream(self.cfg, self.sources, self.weights, self.transform, self.masks,
-                              self.rank, self.world_size, self.epoch, self.batch, self.labels)
+                              self.rank, self.world_size, seed_epoch, self.batch, self.labels, self.batches_this_epoch)
         if self.cfg.num_workers > 0:
             batches: Any = torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
@@ -434,8 +481,8 @@ class StreamLoader:
             self.skipped += int(batch["skipped"])
             self.skipped_by += batch["skipped_by"]
             yield batch
-        if self.batch >= self.cfg.batches_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
+        if self.batch >= self.batches_this_epoch:
+            self._next_epoch()
 
 
 def epoch_length(cfg: DataConfig, sources: list[list[str]], world_size: int, rank: int = 0) -> int:

@@ -141,6 +141,7 @@ class LoopConfig:
     log_every: int = 10
     save_every: int = 0  # 0: the skeleton saves only on preemption (the stage saves at its end)
     samples_per_step: int = 0  # global batch: for `samples` and `samples_per_s`
+    samples_offset: int = 0  # samples seen that step x samples_per_step does not count (resumed on another world size)
     totals: tuple[str, ...] = ()  # metrics summed over the window and the ranks, not averaged
     faults: FaultConfig = field(default_factory=FaultConfig)
 
@@ -172,7 +173,7 @@ def train_loop(body: StepBody, batches: Iterator, cfg: LoopConfig, start_step: i
         if step % cfg.log_every == 0 or step == cfg.steps:
             seconds = meter.seconds()
             metrics = meter.read()
-            metrics["samples"] = step * cfg.samples_per_step
+            metrics["samples"] = step * cfg.samples_per_step + cfg.samples_offset
             metrics["samples_per_s"] = round((step - window_start) * cfg.samples_per_step / max(seconds, 1e-9), 2)
             if on_window is not None:
                 metrics.update(on_window(step, metrics))
@@ -189,6 +190,6 @@ def train_loop(body: StepBody, batches: Iterator, cfg: LoopConfig, start_step: i
         if flag.should_stop():  # collective: any rank signalled -> every rank saves after this same step
             if not saved:
                 body.save(step)
-            log(step, samples=step * cfg.samples_per_step, event="preempted")
+            log(step, samples=step * cfg.samples_per_step + cfg.samples_offset, event="preempted")
             raise Preempted(step)
     return step
