@@ -274,11 +274,32 @@ def test_submit_cli_parses_options_and_overrides():
 
     args = build_parser().parse_intermixed_args(["pretrain", "c.yaml", "optim.lr=1e-3", "--nodes", "4", "run.name=x",
                                                  "--gpus-per-node", "8", "--executor", "slurm", "--partition", "gpu"])
-    assert (args.stage, args.config, args.nodes, args.gpus_per_node, args.partition) == ("pretrain", "c.yaml", 4, 8, "gpu")
+    assert (args.stage, args.config, args.nodes, args.gpus_per_node, args.partition) == ("pretrain", "c.yaml", (4, 4), 8, "gpu")
     assert split_run_overrides(args.overrides, "pretrain", "77") == ("runs", "x", ["optim.lr=1e-3"])
     assert split_run_overrides(["a=1"], "finetune", "77") == ("runs", "finetune-77", ["a=1"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["nonsense", "c.yaml"])
+    for bad in ("0", "4-2", "two"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["pretrain", "c.yaml", "--nodes", bad])
+
+
+def test_submit_with_a_node_range_asks_sbatch_for_the_range(tmp_path):
+    """`--nodes 2-4`: the job script submitit writes asks Slurm for 2 to 4 nodes (a requeue may come back
+    on any count in the range, and the run resumes on the world size it gets); a fixed count stays fixed."""
+    import submitit
+
+    from mimkit.distributed.submit import build_parser, slurm_parameters
+
+    def sbatch_lines(nodes: str) -> list[str]:
+        args = build_parser().parse_intermixed_args(["pretrain", "c.yaml", "--nodes", nodes, "--gpus-per-node", "8"])
+        executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+        executor.update_parameters(**slurm_parameters(args))
+        text = executor._executor._make_submission_file_text("python -c pass", "job")  # submitit's own writer
+        return [line for line in text.splitlines() if line.startswith("#SBATCH --nodes")]
+
+    assert sbatch_lines("2-4") == ["#SBATCH --nodes=2-4"]
+    assert sbatch_lines("3") == ["#SBATCH --nodes=3"]
 
 
 # -- the real thing: 2 ranks of DeepSpeed pretraining (tiny BEiT preset on CPU) -------------------------

@@ -143,13 +143,44 @@ class StageJob:
             StageJob(self.stage, self.config, self.overrides, self.workdir, self.stage_dir))
 
 
+def node_count(text: str) -> tuple[int, int]:
+    """``--nodes``: ``N`` or ``MIN-MAX`` -> (min, max)."""
+    low, _, high = text.partition("-")
+    try:
+        nodes = (int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
+    if not 1 <= nodes[0] <= nodes[1]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
+    return nodes
+
+
+def slurm_parameters(args: argparse.Namespace) -> dict:
+    """submitit's parameters for ``args``. A node range goes to sbatch as ``--nodes=MIN-MAX`` (submitit
+    takes a number: it counts MIN); ``srun`` in the job then starts the tasks of the nodes Slurm gave."""
+    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
+    extra = {"requeue": True}
+    if args.nodes[0] != args.nodes[1]:
+        extra["nodes"] = f"{args.nodes[0]}-{args.nodes[1]}"
+    params = dict(nodes=args.nodes[0], tasks_per_node=tasks, gpus_per_node=args.gpus_per_node,
+                  cpus_per_task=args.cpus_per_task, timeout_min=args.time, name=args.name or args.stage,
+                  stderr_to_stdout=True, slurm_signal_delay_s=args.signal_delay, slurm_additional_parameters=extra,
+                  # srun --wait: see slurm/common.sh (a crashed rank's peers are ended, not left to the timeout)
+                  slurm_srun_args=[f"--wait={SRUN_WAIT_S}"])
+    if args.partition:
+        params["slurm_partition"] = args.partition
+    return params
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimkit submit", description="Submit a stage to Slurm (or run it on this "
                                 "machine) through submitit, with preemption: save, requeue, resume.")
     p.add_argument("stage", choices=STAGES)
     p.add_argument("config", help="the stage's YAML config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides for the stage")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--nodes", type=node_count, default=(1, 1), metavar="N|MIN-MAX",
+                   help="nodes (default 1); MIN-MAX lets Slurm start (and requeue) the job on any count in the "
+                        "range, and the run resumes on the world size it gets")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node (default: GPUs per node, at least 1)")
     p.add_argument("--cpus-per-task", type=int, default=10, help="CPUs per rank (default 10)")
@@ -174,16 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.folder or str(Path(run_root) / "submitit" / "%j")
     cluster = None if args.executor == "auto" else args.executor
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
-    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
-    params = dict(nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=args.gpus_per_node,
-                  cpus_per_task=args.cpus_per_task, timeout_min=args.time, name=args.name or args.stage,
-                  stderr_to_stdout=True)
-    if executor.cluster == "slurm":
-        # srun --wait: see slurm/common.sh (a crashed rank's peers are ended, not left to the collective timeout)
-        params.update(slurm_signal_delay_s=args.signal_delay, slurm_additional_parameters={"requeue": True},
-                      slurm_srun_args=[f"--wait={SRUN_WAIT_S}"])
-        if args.partition:
-            params["slurm_partition"] = args.partition
+    params = slurm_parameters(args)
+    if executor.cluster != "slurm":  # the local executor: no Slurm options
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
     executor.update_parameters(**params)
     job = executor.submit(StageJob(args.stage, args.config, args.overrides, os.getcwd()))
     _, run_name, _ = split_run_overrides(args.overrides, args.stage, job.job_id)
