@@ -16,6 +16,7 @@ from PIL import Image
 from timm.data import create_transform
 from torchvision.datasets import ImageFolder
 
+from mimkit.errors import BadValue, MissingPath
 from mimkit.finetune.config import AugmentConfig, DataConfig
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -24,29 +25,35 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 class TarShardImages(torch.utils.data.Dataset):
     """Random access into tar shards: one pass over the headers builds (shard, offset, size) per sample."""
 
-    def __init__(self, spec: str, transform: Optional[Callable] = None):
+    def __init__(self, spec: str, transform: Optional[Callable] = None, key: str = "data.train_shards"):
         from mimkit.data.stream import expand_shards, split_member_name
 
-        self.shards = [p for source in expand_shards(spec) for p in source]
+        self.shards = [p for source in expand_shards(spec, key) for p in source]
         self.transform = transform
         self.items: list[tuple[int, int, int]] = []  # (shard index, byte offset, size) of each image
         self.targets: list[int] = []
+        unlabelled = 0
         for s, path in enumerate(self.shards):
             samples: dict[str, dict] = {}
             with tarfile.open(path) as tar:
                 for m in tar:
                     if not m.isfile() or "." not in os.path.basename(m.name):
                         continue
-                    key, ext = split_member_name(m.name)
+                    sample_key, ext = split_member_name(m.name)
                     ext = ext.lower()
                     if ext in IMAGE_EXTS:
-                        samples.setdefault(key, {})["image"] = (m.offset_data, m.size)
+                        samples.setdefault(sample_key, {})["image"] = (m.offset_data, m.size)
                     elif ext == "cls":
-                        samples.setdefault(key, {})["cls"] = int(tar.extractfile(m).read().decode().strip())
-            for key, sample in samples.items():
+                        samples.setdefault(sample_key, {})["cls"] = int(tar.extractfile(m).read().decode().strip())
+            for sample in samples.values():
                 if "image" in sample and "cls" in sample:  # a truncated shard leaves halves: skip them
                     self.items.append((s, *sample["image"]))
                     self.targets.append(sample["cls"])
+                unlabelled += "image" in sample and "cls" not in sample
+        if not self.items:
+            raise BadValue(f"{key}={spec}: no labelled images in {len(self.shards)} shard(s)"
+                           + (f" ({unlabelled} images without .cls labels: fine-tuning needs the class index beside each "
+                              "image, as `mimkit shards imagefolder` writes it)" if unlabelled else ""))
         self._files: dict[int, object] = {}  # per-worker open handles
 
     def __len__(self) -> int:
@@ -83,12 +90,15 @@ def build_dataset(data: DataConfig, split: str, transform: Callable) -> torch.ut
     if data.format == "imagefolder":
         path = os.path.join(data.root, split)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"data.root: {path} is not a folder (expected ROOT/{split}/<class>/*.JPEG)")
-        return ImageFolder(path, transform=transform)
+            raise MissingPath(f"data.root={data.root}: no {split}/ folder in it (expected ROOT/{split}/<class>/*.JPEG)")
+        try:
+            return ImageFolder(path, transform=transform)
+        except FileNotFoundError as err:  # torchvision: no class folders, or no images in them
+            raise MissingPath(f"data.root={data.root}: {err} (expected ROOT/{split}/<class>/*.JPEG)") from None
     if data.format == "shards":
-        spec = data.train_shards if split == "train" else data.val_shards
-        return TarShardImages(spec, transform)
-    raise ValueError(f"data.format must be 'imagefolder' or 'shards', got {data.format!r}")
+        key = "data.train_shards" if split == "train" else "data.val_shards"
+        return TarShardImages(getattr(data, key.split(".")[1]), transform, key)
+    raise BadValue(f"data.format={data.format!r}: expected 'imagefolder' or 'shards'")
 
 
 def dataset_targets(dataset) -> list[int]:
@@ -101,7 +111,7 @@ def dataset_targets(dataset) -> list[int]:
 def label_subset(targets: Sequence[int], fraction: float, seed: int = 0) -> list[int]:
     """Indices keeping ``fraction`` of each class (at least one), the same on every process."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction}")
+        raise BadValue(f"data.label_fraction={fraction}: expected a value in (0, 1]")
     targets = np.asarray(targets)
     rng = np.random.default_rng(seed)
     keep = []

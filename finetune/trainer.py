@@ -50,6 +50,7 @@ from mimkit.config import parse_cli, save_config
 from mimkit.distributed.lifetime import worker_init_dies_with_parent
 from mimkit.distributed.loop import LoopConfig, Preempted, train_loop
 from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
+from mimkit.errors import BadValue, run_main
 from mimkit.finetune.class_data import build_dataset, build_transform, dataset_targets, label_subset
 from mimkit.finetune.classification import build_classifier
 from mimkit.finetune.config import MODES, FinetuneConfig
@@ -71,18 +72,18 @@ class ResumeError(CheckpointError):
 def check_config(cfg: FinetuneConfig) -> None:
     """Settings the loop would trip over, refused before any work."""
     if cfg.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+        raise BadValue(f"mode={cfg.mode!r}: expected one of {MODES}")
     for key, value, least in (("run.log_every", cfg.run.log_every, 1), ("run.save_every", cfg.run.save_every, 0),
                               ("eval_every", cfg.eval_every, 0), ("optim.epochs", cfg.optim.epochs, 1)):
         if value < least:
-            raise ValueError(f"{key} must be >= {least}, got {value}")
+            raise BadValue(f"{key}={value}: expected >= {least}")
 
 
 # ---- data ----------------------------------------------------------------------------------------
 def build_loaders(cfg: FinetuneConfig, img_size: int, num_processes: int):
     if cfg.data.batch_size % num_processes or cfg.data.eval_batch_size % num_processes:
-        raise ValueError(f"data.batch_size and data.eval_batch_size are global: make them multiples of the "
-                         f"{num_processes} processes")
+        raise BadValue(f"data.batch_size={cfg.data.batch_size}, data.eval_batch_size={cfg.data.eval_batch_size}: "
+                       f"global batches, expected multiples of the {num_processes} processes")
     train = build_dataset(cfg.data, "train", build_transform(cfg.data, cfg.aug, img_size, train=True))
     val = build_dataset(cfg.data, "val", build_transform(cfg.data, cfg.aug, img_size, train=False))
     if cfg.data.label_fraction < 1.0:
@@ -97,7 +98,8 @@ def build_loaders(cfg: FinetuneConfig, img_size: int, num_processes: int):
                                              num_workers=cfg.data.num_workers,
                                              worker_init_fn=worker_init_dies_with_parent())
     if len(train_loader) == 0:
-        raise ValueError(f"{len(train)} training images give no batch of {cfg.data.batch_size}")
+        raise BadValue(f"data.batch_size={cfg.data.batch_size}: more than the {len(train)} training images "
+                       "(no full batch to train on)")
     return train_loader, val_loader
 
 
@@ -343,8 +345,9 @@ def build_step(cfg: FinetuneConfig, accelerator: Accelerator, run_dir: Path, res
                logger: MetricsLogger) -> FinetuneStep:
     """Classifier, loaders, optimizer and EMA on the accelerator, checkpoint `resume_from` loaded."""
     model, report, meta = build_classifier(cfg)
-    if report is not None and accelerator.is_main_process:
-        print(report)
+    if report is not None and accelerator.is_main_process:  # one line here, every key in the run folder
+        (run_dir / "load_report.txt").write_text(f"model.init={cfg.model.init}\n{report}\n")
+        print(f"model.init={cfg.model.init}: {report.summary()} (details: {run_dir / 'load_report.txt'})", flush=True)
     encoder = model.encoder if hasattr(model, "encoder") else model
     if meta is not None and cfg.data.mean == FinetuneConfig().data.mean and meta.get("pixel_norm", {}).get("mean"):
         cfg.data.mean, cfg.data.std = meta["pixel_norm"]["mean"], meta["pixel_norm"]["std"]  # the export's
@@ -443,6 +446,11 @@ def mark_requeue(body: FinetuneStep, flag: PreemptionFlag, run_dir: Path, step: 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """User errors (bad keys, missing paths, empty data, refused checkpoints): one line on rank 0, exit 2."""
+    return run_main("finetune", lambda: _main(argv))
+
+
+def _main(argv: Optional[list[str]]) -> int:
     cfg = parse_cli(FinetuneConfig, argv, prog="finetune", description="fine-tune or linearly probe a ViT")
     try:
         result = train(cfg)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from mimkit.config import ConfigError, load_section
+from mimkit.config import ConfigError, describe_keys, format_keys, load_section
 from mimkit.pretrain.objective import Method, Objective
 
 OBJECTIVES: dict[str, str] = {
@@ -39,3 +39,13 @@ def resolve_method(cfg):
 
 def build_objective(cfg) -> Objective:
     return method_for(cfg.objective).build(cfg, cfg.method)
+
+
+def method_help() -> str:
+    """`pretrain --help`'s `method` sections: each objective's keys (objectives sharing a method, one list)."""
+    by_method: dict[str, list[str]] = {}
+    for name, target in OBJECTIVES.items():
+        by_method.setdefault(target, []).append(name)
+    return "\n\n".join(format_keys(describe_keys(method_for(names[0]).config, "method."),
+                                   f"[method] with objective={' | '.join(names)}")
+                       for names in by_method.values())

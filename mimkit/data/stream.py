@@ -49,6 +49,7 @@ from PIL import Image
 from mimkit.data.masking import MaskSource
 from mimkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, SecondView, build_transform
 from mimkit.distributed.lifetime import worker_init_dies_with_parent
+from mimkit.errors import BadValue, MissingPath
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,9 @@ def transform_options(cfg: DataConfig, second_view: SecondView | None = None) ->
 # ----------------------------------------------------------------------------------------- shards
 
 
-def expand_shards(spec: str) -> list[list[str]]:
-    """"a-{000..009}.tar::dir/" -> one sorted list of existing .tar paths per "::" source."""
+def expand_shards(spec: str, key: str = "data.shards") -> list[list[str]]:
+    """"a-{000..009}.tar::dir/" -> one sorted list of existing .tar paths per "::" source; ``key``: the
+    config key that gave ``spec``, for the messages."""
     from braceexpand import braceexpand
 
     sources = []
@@ -117,12 +119,13 @@ def expand_shards(spec: str) -> list[list[str]]:
                 paths.append(pattern)
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} shard(s) of '{part}' not found, e.g. {missing[0]}")
+            raise MissingPath(f"{key}={part}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
         if not paths:
-            raise FileNotFoundError(f"no shards match '{part}'")
+            raise MissingPath(f"{key}={part}: no .tar shards there (expected a folder of .tar files, a brace "
+                              "pattern or a glob)")
         sources.append(paths)
     if not sources:
-        raise ValueError("data.shards is empty")
+        raise BadValue(f"{key} is empty: set it to the training shards (a folder of .tar files or a brace pattern)")
     return sources
 
 
