@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         times["finetune"] = run_stage("6. finetune: each export vs scratch, 10% of the labels",
                                       [sys.executable, "-m", "mimkit.finetune.compare_init",
                                        *[f"--init={init}" for init in inits],
-                                       "--seeds", *map(str, args.finetune_seeds),
+                                       "--seeds", *map(str, args.finetune_seeds), "--no-table",
                                        "--config", str(PRESETS["finetune"]),
                                        f"run.root={out}", "run.name=finetune",
                                        f"data.root={data.imagefolder_train.parent}", f"data.num_classes={len(data.class_names)}",

@@ -22,7 +22,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import statistics
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -31,6 +33,7 @@ from mimkit.checkpoint.export_format import read_export_meta, vit_config_from_ex
 from mimkit.config import load_config
 from mimkit.finetune.config import FinetuneConfig
 from mimkit.finetune.trainer import train
+from mimkit.runlog import PROGRESS_ENV
 
 
 def scratch_meta(init: str) -> Optional[dict]:
@@ -57,6 +60,19 @@ def scratch_architecture(meta: Optional[dict]) -> Iterator[None]:
         yield
     finally:
         classification.export_meta = original
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Each run says one line (above) instead of its progress and evaluations, unless MIMKIT_PROGRESS is set."""
+    if os.environ.get(PROGRESS_ENV):
+        yield
+        return
+    os.environ[PROGRESS_ENV] = "off"
+    try:
+        yield
+    finally:
+        os.environ.pop(PROGRESS_ENV, None)
 
 
 def parse_inits(specs: list[str]) -> dict[str, str]:
@@ -120,8 +136,11 @@ def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tup
                         cfg.optim.lr = lr
                     tag = "".join([suffix, f"_lr{lr:g}" if len(lrs) > 1 else "", f"_s{seed}" if len(seeds) > 1 else ""])
                     cfg.run.name = f"{base.run.name}_{name}{tag}"
-                    with scratch_architecture(meta):
+                    start = time.time()
+                    with scratch_architecture(meta), quiet_progress():
                         runs.append(train(cfg))
+                    print(f"{cfg.run.name}: top-1 {runs[-1]['top1']:.1f} (best {runs[-1]['best_top1']:.1f}), "
+                          f"{runs[-1]['steps']} steps, {time.time() - start:.0f}s", flush=True)
                 by_lr[lr] = summarise(runs)
             best_lr = max(by_lr, key=lambda lr: by_lr[lr]["top1"])
             row = dict(by_lr[best_lr])
@@ -161,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="peak lrs to try; each arm is scored at its best (default: optim.lr)")
     parser.add_argument("--linprobe", action="store_true",
                         help="also compare linear probes (frozen pretrained vs frozen random encoder)")
+    parser.add_argument("--no-table", action="store_true", help="write the JSON only (the caller prints the table)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # flags may follow the overrides
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
@@ -170,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.run.root) / f"{cfg.run.name}_comparison.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
-    print(format_table(rows))
+    if not args.no_table:
+        print(format_table(rows))
     print(f"written to {out}")
     return 0
 

@@ -56,7 +56,7 @@ from mimkit.finetune.classification import build_classifier
 from mimkit.finetune.config import MODES, FinetuneConfig
 from mimkit.finetune.metrics import evaluate
 from mimkit.optim import apply_schedule, cosine_schedule, param_groups, resolve_lr
-from mimkit.runlog import MetricsLogger, make_run_dir, progress
+from mimkit.runlog import MetricsLogger, make_run_dir, progress, progress_mode
 
 
 # Written by the main process into the run folder once every process has saved after a preemption signal;
@@ -326,8 +326,9 @@ class FinetuneStep:
         self.model.train()  # evaluate left it in eval mode; the next step trains
         self.best, self.metrics = max(self.best, metrics["top1"]), metrics
         self.logger.log(step, epoch=self.batches.epoch, **{f"val_{k}": v for k, v in metrics.items()})
-        self.accelerator.print(f"epoch {self.batches.epoch}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
-                               f"({metrics['count']} images)")
+        if progress_mode() != "off":  # the caller runs it quietly (compare_init): metrics.jsonl has it
+            self.accelerator.print(f"epoch {self.batches.epoch}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
+                                   f"({metrics['count']} images)")
         return metrics
 
 

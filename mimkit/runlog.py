@@ -124,12 +124,17 @@ class LineProgress:
         self.closed = True
 
 
+def progress_mode() -> str:
+    """bar | lines | off: ``MIMKIT_PROGRESS``, else a bar on a terminal and lines in a log file."""
+    return os.environ.get(PROGRESS_ENV, "") or ("bar" if sys.stderr.isatty() else "lines")
+
+
 def progress(total: int | None = None, desc: str = "", enabled: bool | None = None, unit: str = "it",
              initial: int = 0) -> tqdm | LineProgress:
     """Rank 0's progress: a tqdm bar on a terminal, a line at each quarter of the run in a log file
     (``MIMKIT_PROGRESS=bar|lines|off`` chooses); ``set_postfix`` carries loss and throughput."""
     enabled = is_rank0() if enabled is None else enabled
-    mode = os.environ.get(PROGRESS_ENV, "") or ("bar" if sys.stderr.isatty() else "lines")
+    mode = progress_mode()
     if mode != "bar":
         return LineProgress(total, desc, initial, enabled=enabled and mode != "off")
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=not enabled,

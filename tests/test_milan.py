@@ -234,7 +234,7 @@ def test_preset_loads_with_every_section(name):
         built = build_objective(cfg)  # tiny random teacher: nothing downloaded
         assert built.second_view is None  # one view: no tokenizer view for these objectives
         assert tuple(built.masks.grid) == (4, 4) and built.model.encoder.embed_dim == 64
-    else:  # the paper's recipe (FIELD_NOTES.md, MILAN)
+    else:  # the paper's recipe (MILAN)
         steps_per_epoch = IMAGENET_TRAIN // 4096
         assert cfg.run.steps == 400 * steps_per_epoch and cfg.optim.warmup_steps == 40 * steps_per_epoch
         assert cfg.data.batches_per_epoch == steps_per_epoch and cfg.engine.grad_accum == 1
