@@ -141,7 +141,17 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
 # ---- --help: every key with its type, default and doc -------------------------------------------
 def field_docs(schema: type) -> dict[str, str]:
     """The one-line doc of each field of a dataclass: ``field(metadata={"help": ...})``, else the comment
-    on the field's line (``name: type = default  # doc``), else the comment lines right above it."""
+    on the field's line (``name: type = default  # doc``), else the comment lines right above it; a field
+    a subclass inherits keeps its base class's doc."""
+    docs: dict[str, str] = {}
+    for base in reversed(schema.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
+    docs.update(_own_field_docs(schema))
+    return docs
+
+
+def _own_field_docs(schema: type) -> dict[str, str]:
     docs: dict[str, str] = {}
     try:
         source = textwrap.dedent(inspect.getsource(schema))
@@ -166,7 +176,8 @@ def field_docs(schema: type) -> dict[str, str]:
         if (len(words) > 1 and words[0].type == tokenize.NAME and words[0].string in names
                 and words[1].string == ":" and words[0].start[1] == 4):
             trailing = " ".join(t.string.lstrip("#").strip() for t in line_tokens if t.type == tokenize.COMMENT)
-            docs[words[0].string] = trailing or " ".join(above)
+            if trailing or above:
+                docs[words[0].string] = trailing or " ".join(above)
         above, line_tokens = [], []
     for f in dataclasses.fields(schema):
         if f.metadata.get("help"):
