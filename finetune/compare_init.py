@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 
 import mimkit.finetune.classification as classification
 from mimkit.checkpoint.export_format import read_export_meta, vit_config_from_export
-from mimkit.config import load_config
+from mimkit.config import help_text, load_config
 from mimkit.finetune.config import FinetuneConfig
 from mimkit.finetune.trainer import train
 from mimkit.runlog import PROGRESS_ENV
@@ -170,7 +170,9 @@ def format_table(rows: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compare_init", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__ + "\nconfig keys (the finetune stage's), as key=value overrides:\n\n"
+                                     + help_text(FinetuneConfig))
     parser.add_argument("--init", action="append", required=True,
                         help="[NAME=]PATH of a pretrained export (or any layout the loader reads); repeatable")
     parser.add_argument("--config", required=True)

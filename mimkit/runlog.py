@@ -119,7 +119,7 @@ class LineProgress:
         print(f"{self.desc}: {self.n}{total} {self.postfix} [{elapsed}]".replace("  ", " "), file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if not self.closed and self.marks and self.n > 0:  # stopped early (preemption): where it got to
+        if not self.closed and self.n > 0 and (self.marks or not self.total):  # stopped early, or no total
             self._line()
         self.closed = True
 

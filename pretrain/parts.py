@@ -261,7 +261,7 @@ class RegressionPicture:
             patches = patches * (source.var(-1, keepdim=True) + 1e-6) ** 0.5 + source.mean(-1, keepdim=True)
         patches = torch.where(batch["mask"][..., None], patches, source)
         recon = unpatchify(patches, self.patch_size, self.grid).cpu()
-        save_reconstructions(images, denormalize(recon, self.pixel_mean, self.pixel_std), path)
+        save_reconstructions(images, denormalize(recon, self.pixel_mean, self.pixel_std), path, mask=mask)
 
 
 # ---- composition ----------------------------------------------------------------------------------
