@@ -148,6 +148,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan_dir: Path, comparison: Path,
                   times: dict) -> None:
+    """What was written where, then the results: the tables come last, where a reader's eye lands."""
+    print("\n=== what was produced")
+    print(f"  tokenizer export   {tok_dir / 'export'}")
+    print(f"  pretrained exports {beit_dir / 'export'}, {mae_dir / 'export'}, {milan_dir / 'export'}")
+    print(f"  metrics            {out}/*/metrics.jsonl")
+    print(f"  TensorBoard        tensorboard --logdir {out}")
+    for folder in (tok_dir / "pictures", beit_dir / "pictures", mae_dir / "pictures", milan_dir / "pictures"):
+        pictures = sorted(p.name for p in folder.glob("*.png"))
+        if pictures:
+            print(f"  pictures           {folder}: {', '.join(pictures[:6])}{' ...' if len(pictures) > 6 else ''}")
+    if times:
+        print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     rows = json.loads(comparison.read_text())
     print("\n=== results")
     print(f"{'stage':<32}{'metric':<18}{'first':>10}{'last':>10}")
@@ -162,14 +174,3 @@ def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan
     from mimkit.finetune.compare_init import format_table  # here: it imports the trainer (accelerate, timm)
 
     print("\n" + format_table(rows))
-    if times:
-        print("\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
-    print("\nwhat was produced:")
-    print(f"  tokenizer export   {tok_dir / 'export'}")
-    print(f"  pretrained exports {beit_dir / 'export'}, {mae_dir / 'export'}, {milan_dir / 'export'}")
-    print(f"  metrics            {out}/*/metrics.jsonl")
-    print(f"  TensorBoard        tensorboard --logdir {out}")
-    for folder in (tok_dir / "pictures", beit_dir / "pictures", mae_dir / "pictures", milan_dir / "pictures"):
-        pictures = sorted(p.name for p in folder.glob("*.png"))
-        if pictures:
-            print(f"  pictures           {folder}: {', '.join(pictures[:6])}{' ...' if len(pictures) > 6 else ''}")
