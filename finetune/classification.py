@@ -66,8 +66,8 @@ def encoder_config(cfg: FinetuneConfig, meta: Optional[dict], inferred: Optional
     return dataclasses.replace(vit, **changes)
 
 
-def describe_inferred(vit: ViTConfig, inferred: tuple[dict, list], keys: dict) -> str:
-    """One line: what the checkpoint's shapes gave, and what was assumed."""
+def describe_inferred(vit: ViTConfig, inferred: tuple[dict, list], keys: set) -> str:
+    """One line: what the checkpoint's shapes gave, and what was assumed (`keys`: the model.* keys set)."""
     told, unknown = inferred
     shown = ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "mlp_ratio", "pos_embed", "rel_pos",
              "qkv_bias", "class_token")

@@ -47,11 +47,6 @@ class MissingPath(UserError, FileNotFoundError):
         return str(self.args[0]) if self.args else ""
 
 
-def key_value(key: str, value: object) -> str:
-    """``key=value`` as a user writes it on the command line."""
-    return f"{key}={value}"
-
-
 def debug_requested() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
