@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         table = out / f"{key}_comparison.json"
         if not table.exists():
             times[key] = run_stage(title, [sys.executable, "-m", "mimkit.finetune.compare_init", *inits,
-                                           "--seeds", *map(str, args.finetune_seeds), "--config", str(PRESETS[preset]),
+                                           "--seeds", *map(str, args.finetune_seeds), "--no-table", "--config", str(PRESETS[preset]),
                                            f"run.root={out}", f"run.name={key}", *extra], env)
         return table
 
@@ -190,6 +190,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan_dir: Path, comparison: Path,
                   times: dict, segmentation: Path | None = None, detection: Path | None = None) -> None:
+    """What was written where, then the results: the tables come last, where a reader's eye lands."""
+    print("\n=== what was produced")
+    print(f"  tokenizer export   {tok_dir / 'export'}")
+    print(f"  pretrained exports {beit_dir / 'export'}, {mae_dir / 'export'}, {milan_dir / 'export'}")
+    print(f"  metrics            {out}/*/metrics.jsonl")
+    print(f"  TensorBoard        tensorboard --logdir {out}")
+    for folder in (tok_dir / "pictures", beit_dir / "pictures", mae_dir / "pictures", milan_dir / "pictures",
+                   *sorted(out.glob("segmentation_*/pictures"))[:1], *sorted(out.glob("detect_*/pictures"))[:1]):
+        pictures = sorted(p.name for p in folder.glob("*.png"))
+        if pictures:
+            print(f"  pictures           {folder}: {', '.join(pictures[:6])}{' ...' if len(pictures) > 6 else ''}")
+    if times:
+        print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     rows = json.loads(comparison.read_text())
     print("\n=== results")
     print(f"{'stage':<32}{'metric':<18}{'first':>10}{'last':>10}")
@@ -209,15 +222,3 @@ def print_summary(out: Path, tok_dir: Path, beit_dir: Path, mae_dir: Path, milan
     if detection is not None and detection.exists():
         print("\n" + format_table(json.loads(detection.read_text()), title="detection fine-tuning",
                                   columns=("bbox_AP", "segm_AP")))
-    if times:
-        print("\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
-    print("\nwhat was produced:")
-    print(f"  tokenizer export   {tok_dir / 'export'}")
-    print(f"  pretrained exports {beit_dir / 'export'}, {mae_dir / 'export'}, {milan_dir / 'export'}")
-    print(f"  metrics            {out}/*/metrics.jsonl")
-    print(f"  TensorBoard        tensorboard --logdir {out}")
-    for folder in (tok_dir / "pictures", beit_dir / "pictures", mae_dir / "pictures", milan_dir / "pictures",
-                   *sorted(out.glob("detect_*/pictures"))):
-        pictures = sorted(p.name for p in folder.glob("*.png"))
-        if pictures:
-            print(f"  pictures           {folder}: {', '.join(pictures[:6])}{' ...' if len(pictures) > 6 else ''}")

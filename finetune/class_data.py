@@ -15,6 +15,7 @@ from timm.data import create_transform
 from torchvision.datasets import ImageFolder
 
 from mimkit.data.labelled import TarShardImages
+from mimkit.errors import BadValue, MissingPath
 from mimkit.finetune.config import AugmentConfig, DataConfig
 
 def build_transform(data: DataConfig, aug: AugmentConfig, img_size: int, train: bool) -> Callable:
@@ -33,12 +34,15 @@ def build_dataset(data: DataConfig, split: str, transform: Callable) -> torch.ut
     if data.format == "imagefolder":
         path = os.path.join(data.root, split)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"data.root: {path} is not a folder (expected ROOT/{split}/<class>/*.JPEG)")
-        return ImageFolder(path, transform=transform)
+            raise MissingPath(f"data.root={data.root}: no {split}/ folder in it (expected ROOT/{split}/<class>/*.JPEG)")
+        try:
+            return ImageFolder(path, transform=transform)
+        except FileNotFoundError as err:  # torchvision: no class folders, or no images in them
+            raise MissingPath(f"data.root={data.root}: {err} (expected ROOT/{split}/<class>/*.JPEG)") from None
     if data.format == "shards":
         spec = data.train_shards if split == "train" else data.val_shards
         return TarShardImages(spec, transform, data.classes, key=f"data.{split}_shards")
-    raise ValueError(f"data.format must be 'imagefolder' or 'shards', got {data.format!r}")
+    raise BadValue(f"data.format={data.format!r}: expected 'imagefolder' or 'shards'")
 
 
 def dataset_targets(dataset) -> list[int]:
@@ -51,7 +55,7 @@ def dataset_targets(dataset) -> list[int]:
 def label_subset(targets: Sequence[int], fraction: float, seed: int = 0) -> list[int]:
     """Indices keeping ``fraction`` of each class (at least one), the same on every process."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction}")
+        raise BadValue(f"data.label_fraction={fraction}: expected a value in (0, 1]")
     targets = np.asarray(targets)
     rng = np.random.default_rng(seed)
     keep = []

@@ -18,6 +18,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from mimkit.checkpoint.load import LoadReport
 from mimkit.distributed.lifetime import worker_init_dies_with_parent
+from mimkit.errors import BadValue
 from mimkit.finetune.class_data import build_dataset, build_transform, dataset_targets, label_subset
 from mimkit.finetune.config import MODES, FinetuneConfig
 from mimkit.finetune.encoder import build_encoder
@@ -62,8 +63,8 @@ def build_classifier(cfg: FinetuneConfig) -> tuple[nn.Module, Optional[LoadRepor
 # ---- data ----------------------------------------------------------------------------------------
 def build_loaders(cfg: FinetuneConfig, img_size: int, num_processes: int):
     if cfg.data.batch_size % num_processes or cfg.data.eval_batch_size % num_processes:
-        raise ValueError(f"data.batch_size and data.eval_batch_size are global: make them multiples of the "
-                         f"{num_processes} processes")
+        raise BadValue(f"data.batch_size={cfg.data.batch_size}, data.eval_batch_size={cfg.data.eval_batch_size}: "
+                       f"global batches, expected multiples of the {num_processes} processes")
     train = build_dataset(cfg.data, "train", build_transform(cfg.data, cfg.aug, img_size, train=True))
     val = build_dataset(cfg.data, "val", build_transform(cfg.data, cfg.aug, img_size, train=False))
     if cfg.data.label_fraction < 1.0:
@@ -78,7 +79,8 @@ def build_loaders(cfg: FinetuneConfig, img_size: int, num_processes: int):
                                              num_workers=cfg.data.num_workers,
                                              worker_init_fn=worker_init_dies_with_parent())
     if len(train_loader) == 0:
-        raise ValueError(f"{len(train)} training images give no batch of {cfg.data.batch_size}")
+        raise BadValue(f"data.batch_size={cfg.data.batch_size}: more than the {len(train)} training images "
+                       "(no full batch to train on)")
     return train_loader, val_loader
 
 

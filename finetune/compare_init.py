@@ -22,14 +22,18 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import statistics
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 import mimkit.finetune.encoder as encoder
 from mimkit.checkpoint.export_format import read_export_meta, vit_config_from_export
+from mimkit.config import help_text
 from mimkit.finetune.config import FinetuneConfig, load_finetune_config
 from mimkit.finetune.trainer import train
+from mimkit.runlog import PROGRESS_ENV
 
 
 def scratch_meta(init: str) -> Optional[dict]:
@@ -56,6 +60,19 @@ def scratch_architecture(meta: Optional[dict]) -> Iterator[None]:
         yield
     finally:
         encoder.export_meta = original
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Each run says one line (above) instead of its progress and evaluations, unless MIMKIT_PROGRESS is set."""
+    if os.environ.get(PROGRESS_ENV):
+        yield
+        return
+    os.environ[PROGRESS_ENV] = "off"
+    try:
+        yield
+    finally:
+        os.environ.pop(PROGRESS_ENV, None)
 
 
 def parse_inits(specs: list[str]) -> dict[str, str]:
@@ -129,8 +146,11 @@ def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tup
                         cfg.optim.lr = lr
                     tag = "".join([suffix, f"_lr{lr:g}" if len(lrs) > 1 else "", f"_s{seed}" if len(seeds) > 1 else ""])
                     cfg.run.name = f"{base.run.name}_{name}{tag}"
-                    with scratch_architecture(meta):
+                    start = time.time()
+                    with scratch_architecture(meta), quiet_progress():
                         runs.append(train(cfg))
+                    print(f"{cfg.run.name}: top-1 {runs[-1]['top1']:.1f} (best {runs[-1]['best_top1']:.1f}), "
+                          f"{runs[-1]['steps']} steps, {time.time() - start:.0f}s", flush=True)
                 by_lr[lr] = summarise(runs)
             m = next(iter(by_lr.values()))["metric"]
             best_lr = max(by_lr, key=lambda lr: by_lr[lr][m])
@@ -172,7 +192,9 @@ def format_table(rows: dict, title: str = "fine-tuning", columns: Optional[tuple
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compare_init", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__ + "\nconfig keys (the finetune stage's), as key=value overrides:\n\n"
+                                     + help_text(FinetuneConfig))
     parser.add_argument("--init", action="append", required=True,
                         help="[NAME=]PATH of a pretrained export (or any layout the loader reads); repeatable")
     parser.add_argument("--config", required=True)
@@ -182,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="peak lrs to try; each arm is scored at its best (default: optim.lr)")
     parser.add_argument("--linprobe", action="store_true",
                         help="also compare linear probes (frozen pretrained vs frozen random encoder)")
+    parser.add_argument("--no-table", action="store_true", help="write the JSON only (the caller prints the table)")
     parser.add_argument("--columns", nargs="+", default=None,
                         help="metrics to tabulate with their leads (default: the task's primary, e.g. top1)")
     parser.add_argument("overrides", nargs="*")
@@ -193,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.run.root) / f"{cfg.run.name}_comparison.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
-    title = "fine-tuning" if cfg.task == "classification" else f"{cfg.task} fine-tuning"
-    print(format_table(rows, title, args.columns))
+    if not args.no_table:
+        title = "fine-tuning" if cfg.task == "classification" else f"{cfg.task} fine-tuning"
+        print(format_table(rows, title, args.columns))
     print(f"written to {out}")
     return 0
 

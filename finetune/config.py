@@ -26,7 +26,11 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     init: str = ""  # mimkit export folder, official BEiT / BEiT v2 / MAE / MILAN file, timm state dict; "" = scratch
-    preset: str = "vit_base_patch16"  # mimkit.models.vit preset, when init has no mimkit.json
+    preset: str = "vit_base_patch16"  # mimkit.models.vit preset: a scratch run's network; for a checkpoint without mimkit.json, the fields its shapes do not tell
+    embed_dim: Optional[int] = None  # width; None: the checkpoint's (read from its shapes) or the preset's
+    depth: Optional[int] = None  # blocks; None: the checkpoint's or the preset's
+    patch_size: Optional[int] = None  # None: the checkpoint's or the preset's
+    num_heads: Optional[int] = None  # None: a rel-pos table's columns, else the preset's at its width, else width / 64 (ViT-H: 16)
     img_size: Optional[int] = None  # None: the export's / preset's
     global_pool: str = "avg"  # avg (mean of patch tokens + LayerNorm, BEiT / MAE fine-tuning) | token (CLS)
     drop_path: float = 0.1

@@ -33,7 +33,6 @@ import json
 import os
 import pickle
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -49,11 +48,12 @@ from mimkit.checkpoint.store import CheckpointError, choose_checkpoint, publish_
 from mimkit.config import parse_cli, save_config
 from mimkit.distributed.loop import LoopConfig, Preempted, train_loop
 from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
+from mimkit.errors import BadValue, run_main
 from mimkit.finetune.config import SCHEDULES, FinetuneConfig
 from mimkit.finetune.task import Task
 from mimkit.finetune.tasks import resolve_task, task_for
 from mimkit.optim import apply_schedule, cosine_schedule, param_groups, poly_schedule, resolve_lr, step_schedule
-from mimkit.runlog import MetricsLogger, make_run_dir, progress
+from mimkit.runlog import MetricsLogger, make_run_dir, progress, progress_mode
 
 
 # Written by the main process into the run folder once every process has saved after a preemption signal;
@@ -72,9 +72,9 @@ def check_config(cfg: FinetuneConfig) -> Task:
     for key, value, least in (("run.log_every", cfg.run.log_every, 1), ("run.save_every", cfg.run.save_every, 0),
                               ("eval_every", cfg.eval_every, 0), ("optim.epochs", cfg.optim.epochs, 1)):
         if value < least:
-            raise ValueError(f"{key} must be >= {least}, got {value}")
+            raise BadValue(f"{key}={value}: expected >= {least}")
     if cfg.optim.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.optim.schedule!r}")
+        raise BadValue(f"optim.schedule={cfg.optim.schedule!r}: expected one of {SCHEDULES}")
     return task_for(cfg.task).build(cfg)
 
 
@@ -295,7 +295,8 @@ class FinetuneStep:
         self.best, self.metrics = max(self.best, metrics[self.task.primary]), metrics
         self.logger.log(step, epoch=self.batches.epoch, **{f"val_{k}": v for k, v in metrics.items()
                                                            if isinstance(v, (int, float))})
-        self.accelerator.print(f"epoch {self.batches.epoch}: {self.task.describe(metrics)}")
+        if progress_mode() != "off":  # the caller runs it quietly (compare_init): metrics.jsonl has it
+            self.accelerator.print(f"epoch {self.batches.epoch}: {self.task.describe(metrics)}")
         return metrics
 
 
@@ -314,8 +315,9 @@ def build_step(cfg: FinetuneConfig, task: Task, accelerator: Accelerator, run_di
     """The task's network and loaders, optimizer and EMA on the accelerator, checkpoint `resume_from` loaded."""
     built = task.build_model()
     model, encoder, report, meta = built.model, built.encoder, built.report, built.meta
-    if report is not None and accelerator.is_main_process:
-        print(report)
+    if report is not None and accelerator.is_main_process:  # one line here, every key in the run folder
+        (run_dir / "load_report.txt").write_text(f"model.init={cfg.model.init}\n{report}\n")
+        print(f"model.init={cfg.model.init}: {report.summary()} (details: {run_dir / 'load_report.txt'})", flush=True)
     if meta is not None and cfg.data.mean == FinetuneConfig().data.mean and meta.get("pixel_norm", {}).get("mean"):
         cfg.data.mean, cfg.data.std = meta["pixel_norm"]["mean"], meta["pixel_norm"]["std"]  # the export's
     train_loader, val_loader = task.build_loaders(encoder.cfg.img_size, accelerator)
@@ -415,14 +417,17 @@ def mark_requeue(body: FinetuneStep, flag: PreemptionFlag, run_dir: Path, step: 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """User errors (bad keys, missing paths, empty data, refused checkpoints): one line on rank 0, exit 2."""
+    return run_main("finetune", lambda: _main(argv))
+
+
+def _main(argv: Optional[list[str]]) -> int:
     cfg = parse_cli(FinetuneConfig, argv, prog="finetune", description="fine-tune or linearly probe a ViT",
                     finish=resolve_task)
     try:
         check_config(cfg)  # and the task's own checks: a wrong value is one line naming its key, before any work
     except (ValueError, FileNotFoundError) as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"finetune: error: {err}", file=sys.stderr)
-        return 2
+        raise BadValue(str(err)) from None
     try:
         result = train(cfg)
     except Preempted as stop:

@@ -10,6 +10,8 @@ import importlib
 import os
 import sys
 
+from mimkit.errors import run_main
+
 COMMANDS = {
     "shards": ("mimkit.data.shards", "write WebDataset tar shards from an ImageFolder or a file list"),
     "export": ("mimkit.checkpoint.export", "turn a ZeRO checkpoint into a plain export"),
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimkit: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return run_main(f"mimkit {name}", lambda: module.main(rest))
 
 
 if __name__ == "__main__":

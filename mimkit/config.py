@@ -12,17 +12,23 @@ import argparse
 import dataclasses
 import difflib
 import importlib
+import inspect
+import io
 import os
+import textwrap
+import tokenize
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from mimkit.errors import BadValue, UserError, request_debug
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(BadValue):
     """A config problem a user must fix: unknown key, wrong type, missing file."""
 
 
@@ -144,21 +150,124 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+# ---- --help: every key with its type, default and doc -------------------------------------------
+def field_docs(schema: type) -> dict[str, str]:
+    """The one-line doc of each field of a dataclass: ``field(metadata={"help": ...})``, else the comment
+    on the field's line (``name: type = default  # doc``), else the comment lines right above it; a field
+    a subclass inherits keeps its base class's doc."""
+    docs: dict[str, str] = {}
+    for base in reversed(schema.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
+    docs.update(_own_field_docs(schema))
+    return docs
+
+
+def _own_field_docs(schema: type) -> dict[str, str]:
+    docs: dict[str, str] = {}
+    try:
+        source = textwrap.dedent(inspect.getsource(schema))
+    except (OSError, TypeError):
+        source = ""
+    names = {f.name for f in dataclasses.fields(schema)}
+    above: list[str] = []
+    line_tokens: list[tokenize.TokenInfo] = []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT and not line_tokens:
+            above.append(tok.string.lstrip("#").strip())
+            continue
+        if tok.type in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT) and not line_tokens:
+            if tok.type == tokenize.NL and tok.line.strip() == "":
+                above = []  # a blank line ends a comment block
+            continue
+        if tok.type != tokenize.NEWLINE:
+            line_tokens.append(tok)
+            continue
+        # a logical line ends: a field when it reads `name: ...` at the class body's indentation
+        words = [t for t in line_tokens if t.type not in (tokenize.COMMENT, tokenize.NL)]
+        if (len(words) > 1 and words[0].type == tokenize.NAME and words[0].string in names
+                and words[1].string == ":" and words[0].start[1] == 4):
+            trailing = " ".join(t.string.lstrip("#").strip() for t in line_tokens if t.type == tokenize.COMMENT)
+            if trailing or above:
+                docs[words[0].string] = trailing or " ".join(above)
+        above, line_tokens = [], []
+    for f in dataclasses.fields(schema):
+        if f.metadata.get("help"):
+            docs[f.name] = f.metadata["help"]
+    return docs
+
+
+def _type_name(ftype: Any) -> str:
+    if isinstance(ftype, str):
+        return ftype
+    return getattr(ftype, "__name__", str(ftype))
+
+
+def describe_keys(schema: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, doc) of every leaf of a dataclass schema (a class or an instance: its
+    values are the defaults shown), inner sections expanded in place."""
+    instance = schema if not isinstance(schema, type) else schema()
+    docs = field_docs(type(instance))
+    rows = []
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_keys(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", _type_name(f.type), repr(value), docs.get(f.name, "")))
+    return rows
+
+
+def format_keys(rows: Sequence[tuple[str, str, str, str]], title: str | None = None) -> str:
+    """Aligned lines `key  type = default  doc`, under `title` when given."""
+    if not rows:
+        return ""
+    kw = max(len(r[0]) for r in rows)
+    tw = max(len(f"{r[1]} = {r[2]}") for r in rows)
+    lines = [title] if title else []
+    lines += [f"  {k:<{kw}}  {f'{t} = {d}':<{tw}}  {doc}".rstrip() for k, t, d, doc in rows]
+    return "\n".join(lines)
+
+
+def help_text(schema: type, skip: Sequence[str] = ()) -> str:
+    """Every key of `schema`, grouped by section (top-level keys first); `skip`: keys described apart."""
+    rows = [r for r in describe_keys(schema) if r[0].split(".")[0] not in skip]
+    top = [r for r in rows if "." not in r[0]]
+    sections = [format_keys(top, "(top level)")] if top else []
+    for section in dict.fromkeys(r[0].split(".")[0] for r in rows if "." in r[0]):
+        sections.append(format_keys([r for r in rows if r[0].split(".")[0] == section], f"[{section}]"))
+    return "\n\n".join(sections)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own problems: one line on rank 0 as the keys', not per rank
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def parse_cli(schema: type[T], argv: Sequence[str] | None = None, prog: str | None = None,
-              description: str | None = None, finish: Callable[[T], T] | None = None) -> T:
+              description: str | None = None, finish: Callable[[T], T] | None = None,
+              more_help: Callable[[], str] | None = None, skip_help: Sequence[str] = ()) -> T:
     """``--config FILE [dotted.key=value ...]``; also accepts the ``--local_rank`` that launchers pass.
     ``finish(cfg)`` completes the config (a section chosen by another key); its ConfigErrors are
-    reported like the schema's."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    reported like the schema's. Problems raise :class:`ConfigError` (a :class:`mimkit.errors.UserError`:
+    the entry point's :func:`mimkit.errors.run_main` prints it once). ``--help`` lists every key of the
+    schema (``skip_help``: sections left out) and ``more_help()`` (sections chosen at run time)."""
+    parser = _Parser(prog=prog, description=description, add_help=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-h", "--help", action="store_true", help="show this message, every config key, and exit")
     parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error (or MIMKIT_DEBUG=1)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (keys below)")
     args = parser.parse_args(argv)
+    if args.help:
+        extra = more_help() if more_help is not None else ""
+        print(parser.format_help() + "\nconfig keys (type = default, doc), set in the --config file or as key=value:\n\n"
+              + help_text(schema, skip_help) + (f"\n\n{extra}" if extra else ""))
+        raise SystemExit(0)
+    if args.debug:
+        request_debug()
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    try:
-        cfg = load_config(schema, args.config, args.overrides)
-        return finish(cfg) if finish is not None else cfg
-    except ConfigError as err:
-        parser.error(str(err))
-        raise  # unreachable: parser.error exits
+    cfg = load_config(schema, args.config, args.overrides)
+    return finish(cfg) if finish is not None else cfg

@@ -32,14 +32,14 @@ _BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 class OptimConfig:
     """AdamW and its schedules. ``lr`` is per ``base_batch_size`` samples when that is set (> 0)."""
 
-    lr: float = 1.5e-3
+    lr: float = 1.5e-3  # peak learning rate (after warmup), per base_batch_size samples when that is set
     base_batch_size: int = 0  # 0: lr is used as given; N: lr = lr * global_batch / N (logged)
-    min_lr: float = 1e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
+    min_lr: float = 1e-5  # where the cosine schedule ends
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    weight_decay: float = 0.05  # AdamW decoupled decay (not on biases, norms, position tables, tokens, gammas)
     weight_decay_end: float | None = None  # None: constant weight decay
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    eps: float = 1e-8  # AdamW
     layer_decay: float | None = None  # None or 1.0: no layer-wise decay
 
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mimkit.data.masking import BlockMasks
+from mimkit.errors import BadValue
 from mimkit.data.transforms import SecondView
 from mimkit.checkpoint.tokenizer_export import load_tokenizer
 from mimkit.models.vit import Block, VisionTransformer
@@ -141,16 +142,16 @@ def _mask_overlay(pixel_mean, pixel_std, patch_size: int):
 def build(cfg, m: BeitConfig) -> Objective:
     """`beit`, `peco` and (with a BeitV2Config) `beitv2`: the Objective from a PretrainConfig."""
     if not m.tokenizer:
-        raise ValueError("method.tokenizer is not set: give a tokenizer export folder "
+        raise BadValue("method.tokenizer is not set: give a tokenizer export folder "
                          "(method.tokenizer=runs/tok/export)")
     if m.tokenizer_precision not in ("fp32", "bf16"):
-        raise ValueError(f"method.tokenizer_precision={m.tokenizer_precision!r}: expected fp32 or bf16")
-    tokenizer = load_tokenizer(m.tokenizer).to(dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[m.tokenizer_precision])
+        raise BadValue(f"method.tokenizer_precision={m.tokenizer_precision!r}: expected fp32 or bf16")
+    tokenizer = load_tokenizer(m.tokenizer, key="method.tokenizer").to(dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[m.tokenizer_precision])
     encoder = VisionTransformer(copy.deepcopy(cfg.model))
     grid = tuple(encoder.grid_size)
     if tuple(tokenizer.grid) != grid:
-        raise ValueError(f"tokenizer grid {tuple(tokenizer.grid)} != ViT patch grid {grid}: every patch needs one "
-                         "target id (match model.img_size / patch_size to the tokenizer's input)")
+        raise BadValue(f"method.tokenizer={m.tokenizer}: its grid {tuple(tokenizer.grid)} != the ViT's patch grid "
+                       f"{grid}: every patch needs one target id (match model.img_size / patch_size to its input)")
     h, w = tokenizer.input_size
     if h != w:
         raise ValueError(f"square tokenizer inputs only, got {tokenizer.input_size}")

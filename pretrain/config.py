@@ -20,14 +20,14 @@ from mimkit.optim import OptimConfig
 
 @dataclass
 class RunConfig:
-    name: str = "pretrain"
-    root: str = "runs"
+    name: str = "pretrain"  # the run folder is root/name (resume finds it there)
+    root: str = "runs"  # parent of run folders
     steps: int = 1000  # optimizer steps (a stream has no length)
-    log_every: int = 10
+    log_every: int = 10  # steps per metrics.jsonl record (means over the window, all ranks)
     save_every: int = 1000  # and always at the end
     keep: int = 2  # checkpoints kept
     resume: str = "auto"  # auto (latest verified checkpoint, else the newest that verifies) | strict (latest or stop) | none | path to a step_* folder
-    seed: int = 0
+    seed: int = 0  # initial weights, masks, drop path
     picture_every: int = 0  # a picture of the current batch every N steps (0: first step only)
     export: bool = True  # write export/ at the end
 

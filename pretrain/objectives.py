@@ -5,7 +5,8 @@ module is imported only when a run picks it (MILAN's pulls in open_clip, BEiT's 
 
 from __future__ import annotations
 
-from mimkit.config import load_section, table_entry
+
+from mimkit.config import describe_keys, format_keys, load_section, table_entry
 from mimkit.pretrain.objective import Method, Objective
 
 OBJECTIVES: dict[str, str] = {
@@ -31,3 +32,13 @@ def resolve_method(cfg):
 
 def build_objective(cfg) -> Objective:
     return method_for(cfg.objective).build(cfg, cfg.method)
+
+
+def method_help() -> str:
+    """`pretrain --help`'s `method` sections: each objective's keys (objectives sharing a method, one list)."""
+    by_method: dict[str, list[str]] = {}
+    for name, target in OBJECTIVES.items():
+        by_method.setdefault(target, []).append(name)
+    return "\n\n".join(format_keys(describe_keys(method_for(names[0]).config, "method."),
+                                   f"[method] with objective={' | '.join(names)}")
+                       for names in by_method.values())

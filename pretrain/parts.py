@@ -261,7 +261,7 @@ class RegressionPicture:
             patches = patches * (source.var(-1, keepdim=True) + 1e-6) ** 0.5 + source.mean(-1, keepdim=True)
         patches = torch.where(batch["mask"][..., None], patches, source)
         recon = unpatchify(patches, self.patch_size, self.grid).cpu()
-        save_reconstructions(images, denormalize(recon, self.pixel_mean, self.pixel_std), path)
+        save_reconstructions(images, denormalize(recon, self.pixel_mean, self.pixel_std), path, mask=mask)
 
 
 # ---- composition ----------------------------------------------------------------------------------
@@ -278,8 +278,8 @@ class RegressionConfig:
     target: str = "pixels"                # TARGETS: pixels (patches) | teacher (teacher tokens, CLS included)
     norm_pix: bool = True                 # pixels: normalise each patch by its own mean / std (MAE)
     decoder: str = "mae"                  # DECODERS: prompting | mae | linear (mask-token encoder + linear head)
-    decoder_dim: int = 512
-    decoder_depth: int = 8
+    decoder_dim: int = 512                # decoder width (mae / prompting)
+    decoder_depth: int = 8                # decoder blocks
     decoder_heads: int = 16
     decoder_mlp_ratio: float = 4.0
     loss: str = "mse"                     # LOSSES: cosine (2 - 2 cos) | neg_cosine (-cos) | mse | l1

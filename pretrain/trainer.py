@@ -24,17 +24,18 @@ import torch
 import torch.distributed as dist
 
 from mimkit.checkpoint.export import export_run
-from mimkit.checkpoint.store import CheckpointError, CheckpointStore
+from mimkit.checkpoint.store import CheckpointStore
 from mimkit.config import parse_cli, save_config, to_dict
-from mimkit.data.stream import SKIP_TOTALS, StreamLoader, build_stream, derive_seed, pop_skip_metrics, skip_totals
+from mimkit.data.stream import SKIP_TOTALS, StreamLoader, build_stream, derive_seed, expand_shards, pop_skip_metrics, skip_totals
 from mimkit.distributed.engine import Engine, build_ds_config, environment_summary
 from mimkit.distributed.loop import LoopConfig, Preempted, endless, train_loop
 from mimkit.distributed.preempt import PreemptionFlag
+from mimkit.errors import run_main
 from mimkit.optim import Schedule, param_groups
 from mimkit.pretrain.config import PretrainConfig
 from mimkit.pretrain.knn_monitor import KnnMonitor, check_knn_section
 from mimkit.pretrain.objective import Objective
-from mimkit.pretrain.objectives import build_objective, resolve_method
+from mimkit.pretrain.objectives import build_objective, method_help, resolve_method
 from mimkit.runlog import MetricsLogger, make_run_dir, progress
 
 
@@ -135,6 +136,7 @@ def train(cfg: PretrainConfig) -> int:
     """Train (and export); returns 0, or REQUEUE_EXIT_CODE after a preemption save."""
     knn = KnnMonitor(cfg)  # opens its labelled sets (if knn.every): before the engine starts
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    expand_shards(cfg.data.shards)  # missing or empty shards: refused before the engine starts
     objective = build_objective(cfg)
     groups = param_groups(objective.model, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.model.depth)
     engine = Engine(objective.model, groups, cfg.engine, cfg.data.batch_size, cfg.optim.betas, cfg.optim.eps)
@@ -202,15 +204,17 @@ def log_end(logger: MetricsLogger, engine: Engine, body: PretrainStep, step: int
 def parse_args(argv: list[str] | None = None, prog: str = "pretrain") -> PretrainConfig:
     """`--config FILE key=value ...` -> a PretrainConfig whose `method` is the objective's own section."""
     return parse_cli(PretrainConfig, argv, prog=prog, finish=lambda cfg: check_knn_section(resolve_method(cfg)),
+                     more_help=method_help, skip_help=("method",),
                      description="Masked image modeling pretraining (BEiT / PeCo / BEiT v2 / MILAN / MAE / EVA / SimMIM)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        code = train(parse_args(argv))
-    except CheckpointError as err:  # a checkpoint refused on resume: one line, not a traceback per rank
-        print(f"pretrain: {err}", file=sys.stderr, flush=True)
-        return 1
+    """User errors (bad keys, missing paths, empty data, refused checkpoints): one line on rank 0, exit 2."""
+    return run_main("pretrain", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    code = train(parse_args(argv))
     if dist.is_initialized():
         dist.destroy_process_group()
     return code

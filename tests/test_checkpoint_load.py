@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from mimkit.checkpoint.load import detect_layout, load_checkpoint_into_vit, load_into_vit, load_state
+from mimkit.checkpoint.safe_load import UnsafeCheckpointFile
 from mimkit.checkpoint.timm_layout import to_timm_beit_state_dict
 from mimkit.models.pos_embed import num_relative_distances, resize_abs_pos_embed
 from mimkit.models.vit import ViTConfig, VisionTransformer
@@ -75,7 +76,7 @@ class _RunsShell:
 def test_a_pickle_carrying_code_is_refused_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsShell(marker)}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="refused"):
+    with pytest.raises(UnsafeCheckpointFile, match="refused to unpickle.*GLOBAL"):
         load_state(tmp_path / "evil.pth")
     assert not marker.exists()
 

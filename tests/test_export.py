@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from mimkit_test_distributed import run_torchrun  # tests/distributed.py, registered by conftest.py
 from mimkit.checkpoint.export import ExportError, export_run, find_checkpoint, load_checkpoint_file, main, \
     run_export_meta, timm_spec, to_timm_state
+from mimkit.cli import main as mimkit_main
 from mimkit.models.vit import VisionTransformer, ViTConfig, preset
 
 SCRIPT = Path(__file__).parent / "dist_scripts_ft" / "make_zero_runs.py"
@@ -102,10 +103,11 @@ def test_unfinished_checkpoints_are_refused(zero_runs, tmp_path, capsys):
     (tag / "complete.json").unlink()
     with pytest.raises(ExportError, match="not a finished checkpoint"):
         find_checkpoint(run)
-    assert main([str(run), "--step", "7"]) == 1
-    assert "no checkpoint for step 7" in capsys.readouterr().err
+    # `mimkit export`: one line, exit 2 (a user error)
+    assert mimkit_main(["export", str(run), "--step", "7"]) == 2
+    assert capsys.readouterr().err.startswith("mimkit export: no checkpoint for step 7")
     # not a run folder at all
-    assert main([str(tmp_path)]) == 1
+    assert mimkit_main(["export", str(tmp_path)]) == 2
     assert "config.yaml" in capsys.readouterr().err
 
 

@@ -110,7 +110,7 @@ def test_resume_refuses_a_checkpoint_whose_files_carry_code(demo, tmp_path):
 
 
 def test_unusable_settings_are_refused_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match=r"run.log_every must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"run.log_every=0: expected >= 1"):
         train(_cfg(tmp_path, "run.log_every=0"))
     with pytest.raises(ResumeError, match=r"run.resume=.*nowhere.*no state.json"):
         train(_cfg(tmp_path, "run.name=r", f"run.resume={tmp_path / 'nowhere'}", "data.root=unused"))

@@ -192,7 +192,10 @@ def test_picture_shows_attention_visible_patches_and_error(tmp_path):
     assert (tmp_path / "pictures" / "step_1.png").stat().st_size > 1000
     mae = _tiny(MaeConfig)  # pixel targets: the masked images and their reconstruction
     mae.picture(mae.model, _prepared(mae, _normalised(torch.rand(2, 3, 32, 32))), tmp_path / "mae.png")
-    assert (tmp_path / "mae.png").stat().st_size > 1000
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "mae.png").size  # 2 images a row: original, masked input, reconstruction
+    assert (tmp_path / "mae.png").stat().st_size > 1000 and height * 2 == width * 3, (width, height)
 
 
 def test_picture_leaves_the_training_rng_and_mode_alone(tmp_path):
@@ -234,7 +237,7 @@ def test_preset_loads_with_every_section(name):
         built = build_objective(cfg)  # tiny random teacher: nothing downloaded
         assert built.second_view is None  # one view: no tokenizer view for these objectives
         assert tuple(built.masks.grid) == (4, 4) and built.model.encoder.embed_dim == 64
-    else:  # the paper's recipe (FIELD_NOTES.md, MILAN)
+    else:  # the paper's recipe (MILAN)
         steps_per_epoch = IMAGENET_TRAIN // 4096
         assert cfg.run.steps == 400 * steps_per_epoch and cfg.optim.warmup_steps == 40 * steps_per_epoch
         assert cfg.data.batches_per_epoch == steps_per_epoch and cfg.engine.grad_accum == 1

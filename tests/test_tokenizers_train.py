@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from mimkit_test_distributed import inject_payload, run_torchrun  # tests/distributed.py, registered by conftest.py
-from mimkit.config import parse_cli
+from mimkit.config import ConfigError, parse_cli
 from mimkit.data.demo import make_demo_data
 from mimkit.checkpoint.tokenizer_export import load_tokenizer
 from mimkit.runlog import read_metrics
@@ -153,7 +153,7 @@ def test_pictures_and_usage_histogram_written(runs):
 
 
 def test_cli_rejects_an_unknown_key():
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="peco.codebok"):
         parse_cli(TokenizerTrainConfig, ["--config", str(CONFIGS / "peco_tiny_cpu.yaml"), "peco.codebok.beta=1"])
 
 

@@ -21,7 +21,7 @@ from mimkit.checkpoint.export_format import shard_list_hash
 from mimkit.checkpoint.store import CheckpointStore
 from mimkit.checkpoint.tokenizer_export import build_tokenizer_model, save_tokenizer_export
 from mimkit.config import save_config, to_dict
-from mimkit.data.stream import SKIP_TOTALS, StreamLoader, build_stream, pop_skip_metrics, skip_totals
+from mimkit.data.stream import SKIP_TOTALS, StreamLoader, build_stream, expand_shards, pop_skip_metrics, skip_totals
 from mimkit.distributed.engine import Engine
 from mimkit.distributed.loop import LoopConfig, endless, train_loop
 from mimkit.distributed.preempt import PreemptionFlag
@@ -190,6 +190,7 @@ def train(cfg: TokenizerTrainConfig) -> Path:
     SIGTERM) makes every rank save at the next step boundary and raise `Preempted` (exit code 75)."""
     torch.manual_seed(cfg.run.seed)
     data_cfg = dataclasses.replace(cfg.data, seed=cfg.run.seed + cfg.data.seed)
+    expand_shards(data_cfg.shards)  # missing or empty shards: refused before the engine starts
     model = build_trainee(cfg)
     engine = Engine(model, param_groups(model, cfg.optim.weight_decay), cfg.engine,
                     micro_batch_size=data_cfg.batch_size, betas=cfg.optim.betas, eps=cfg.optim.eps)

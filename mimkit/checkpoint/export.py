@@ -41,12 +41,13 @@ from mimkit.checkpoint.export_format import (EXPORT_META_FIELDS, EXPORT_META_KEY
                                              write_export, write_weights)
 from mimkit.checkpoint.safe_load import CheckpointError, load_tensors_only
 from mimkit.checkpoint.store import COMPLETE, LATEST, UNIVERSAL, summarize_problems, inspect_checkpoint
+from mimkit.errors import UserError
 from mimkit.models.vit import ViTConfig, VisionTransformer
 
 _STEP_TAG = re.compile(r"^step_(\d+)$")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The run folder or checkpoint cannot be exported (not finished, wrong layout, not a run)."""
 
 
@@ -367,11 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="export the checkpoint's universal form (checkpoints/universal/, written by a resume on "
                              "another world size or ZeRO stage)")
     args = parser.parse_args(argv)
-    try:
-        out = export_run(args.run_dir, args.step, timm=args.timm, out_dir=args.out, universal=args.universal)
-    except ExportError as err:
-        print(f"mimkit export: {err}", file=sys.stderr)
-        return 1
+    out = export_run(args.run_dir, args.step, timm=args.timm, out_dir=args.out, universal=args.universal)  # ExportError: mimkit.cli's one line
     meta = read_export_meta(out)
     print(f"exported step {meta['step']} of {args.run_dir} -> {out} "
           f"(ZeRO-{meta['source']['zero_stage']}, {meta['source']['world_size']} ranks)")

@@ -25,7 +25,9 @@ import torch
 from safetensors.torch import load_file
 
 from mimkit.checkpoint.export_format import WEIGHTS_FILE, read_export_meta, read_pixel_norm, vit_config_from_export
+from mimkit.checkpoint.safe_load import UnsafeCheckpointFile, refusal_reason
 from mimkit.checkpoint.timm_layout import from_beit_names
+from mimkit.errors import BadValue, MissingPath
 from mimkit.models.pos_embed import resize_abs_pos_embed, resize_rel_pos_table, window_from_table_rows
 from mimkit.models.vit import VisionTransformer
 
@@ -38,6 +40,12 @@ SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 State = Dict[str, torch.Tensor]
+# Heads of the public ViT widths whose head size is not 64 (ViT-H, -g, -G: 16 heads); others: width / 64.
+HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
+
+
+class ArchitectureMismatch(BadValue):
+    """A checkpoint whose encoder shapes differ from the network it is loaded into."""
 
 
 @dataclass
@@ -48,9 +56,17 @@ class LoadReport:
     resized: Dict[str, str] = field(default_factory=dict)  # name -> "old shape -> new shape"
     dropped: Dict[str, str] = field(default_factory=dict)  # name -> why it was not loaded
     converted: List[str] = field(default_factory=list)  # layout conversions applied
+    architecture: str = ""  # what the loader inferred of the network (a checkpoint without mimkit.json)
+
+    def summary(self) -> str:
+        """One line: the layout, what was inferred, and counts (str() lists every key)."""
+        parts = [f"layout {self.layout}"] + ([self.architecture] if self.architecture else [])
+        parts.append(f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.resized)} resized, "
+                     f"{len(self.dropped)} dropped, {len(self.converted)} converted")
+        return "; ".join(parts)
 
     def __str__(self) -> str:
-        lines = [f"checkpoint layout: {self.layout}"]
+        lines = [f"checkpoint layout: {self.layout}"] + ([f"  inferred: {self.architecture}"] if self.architecture else [])
         lines += [f"  converted: {c}" for c in self.converted]
         lines += [f"  resized: {k} {v}" for k, v in self.resized.items()]
         lines += [f"  dropped: {k} ({v})" for k, v in self.dropped.items()]
@@ -66,6 +82,9 @@ def load_state(path: Union[str, os.PathLike]) -> Any:
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_FILE
+    if not path.is_file():
+        raise MissingPath(f"{path}: no such file (expected an export folder, a .safetensors file or a torch "
+                          "checkpoint)")
     if path.suffix == ".safetensors":
         return load_file(str(path), device="cpu")
     # Official BEiT / MAE checkpoints keep their argparse Namespace beside the weights: a plain
@@ -74,8 +93,9 @@ def load_state(path: Union[str, os.PathLike]) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: refused to unpickle (weights_only=True allows tensors and plain "
-                         f"containers only; convert it to safetensors if you trust it): {err}") from err
+        raise UnsafeCheckpointFile(f"{path}: refused to unpickle (weights_only=True allows tensors and plain "
+                                   "containers only; convert it to safetensors if you trust it): "
+                                   f"{refusal_reason(err)}") from err
 
 
 def unwrap_state(obj: Any) -> Tuple[State, Optional[str]]:
@@ -147,7 +167,7 @@ def check_architecture(model: VisionTransformer, state: State) -> None:
     cfg, diffs = model.cfg, []
     proj = state.get("patch_embed.proj.weight")
     if proj is None:
-        raise ValueError("checkpoint has no patch_embed.proj.weight: not a ViT encoder state dict")
+        raise ArchitectureMismatch("checkpoint has no patch_embed.proj.weight: not a ViT encoder state dict")
     d, c, p = proj.shape[0], proj.shape[1], proj.shape[2]
     for name, ours, theirs in (("embed_dim", cfg.embed_dim, d), ("in_chans", cfg.in_chans, c),
                                ("patch_size", cfg.patch_size, p), ("depth", cfg.depth, _depth(state))):
@@ -160,7 +180,58 @@ def check_architecture(model: VisionTransformer, state: State) -> None:
     if tables and tables[0].shape[1] != cfg.num_heads:
         diffs.append(f"num_heads: checkpoint {tables[0].shape[1]}, model {cfg.num_heads}")
     if diffs:
-        raise ValueError("checkpoint does not match the model architecture: " + "; ".join(diffs))
+        raise ArchitectureMismatch("checkpoint does not match the model architecture: " + "; ".join(diffs))
+
+
+def encoder_state(state: Any) -> State:
+    """The encoder's tensors under mimkit names, from what `load_state` returns (any layout)."""
+    flat, _ = unwrap_state(state)
+    flat, _ = strip_prefixes(flat)
+    return from_beit_names(flat)
+
+
+def infer_architecture(state: Any) -> Tuple[Dict[str, Any], List[str]]:
+    """(the ViTConfig fields a checkpoint's shapes tell, the fields they cannot). Told: width, input channels,
+    patch size, depth, MLP ratio, class token, absolute / relative position tables and the grid (img_size)
+    they hold, q/v or qkv biases, LayerScale, and heads where a relative-position table (a column per head)
+    exists. Not told: heads otherwise (attention splits one matrix), which the caller sets."""
+    flat = encoder_state(state)
+    proj = flat.get("patch_embed.proj.weight")
+    if proj is None or proj.dim() != 4:
+        raise ArchitectureMismatch("checkpoint has no patch_embed.proj.weight [D, C, p, p]: not a ViT encoder")
+    width, patch = proj.shape[0], proj.shape[2]
+    arch: Dict[str, Any] = dict(embed_dim=width, in_chans=proj.shape[1], patch_size=patch, depth=_depth(flat),
+                                class_token="cls_token" in flat)
+    fc1 = flat.get("blocks.0.mlp.fc1.weight")
+    if fc1 is not None:
+        arch["mlp_ratio"] = fc1.shape[0] / width
+    grid = None
+    if "pos_embed" in flat:
+        rows = flat["pos_embed"].shape[1]
+        side = _square_grid(rows) or _square_grid(rows - 1)
+        arch["pos_embed"], grid = "learned", side[0] if side else None
+    else:
+        arch["pos_embed"] = "none"
+    per_block = "blocks.0.attn.relative_position_bias_table"
+    table = flat.get(per_block, flat.get(SHARED_TABLE))
+    arch["rel_pos"] = "block" if per_block in flat else "shared" if SHARED_TABLE in flat else "none"
+    unknown = []
+    if table is not None:
+        arch["num_heads"] = table.shape[1]
+        grid = grid or window_from_table_rows(table.shape[0])[0]
+    else:
+        unknown.append("num_heads")
+    if grid:
+        arch["img_size"] = grid * patch
+    arch["qkv_bias"] = ("qv" if "blocks.0.attn.q_bias" in flat else "qkv" if "blocks.0.attn.qkv.bias" in flat
+                        else "none")
+    arch["layer_scale_init"] = 0.1 if "blocks.0.ls1.gamma" in flat else None  # the loaded gammas replace it
+    return arch, unknown
+
+
+def default_heads(width: int) -> int:
+    """Heads of a public ViT of this width (head size 64, or ViT-H's 16)."""
+    return HEADS_BY_WIDTH.get(width, max(1, width // 64))
 
 
 # ---- conversions --------------------------------------------------------------------------------
@@ -286,7 +357,7 @@ def load_into_vit(model: VisionTransformer, state: Any, layout: Optional[str] = 
     wrong = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(target[k].shape)}"
              for k, v in flat.items() if k in target and target[k].shape != v.shape]
     if wrong:
-        raise ValueError("checkpoint does not match the model architecture: " + "; ".join(wrong))
+        raise ArchitectureMismatch("checkpoint does not match the model architecture: " + "; ".join(wrong))
     result = model.load_state_dict(flat, strict=False)
     fixed = {"pos_embed"} if model.cfg.pos_embed == "sincos" else set()  # computed, nothing to load
     report.missing = [k for k in result.missing_keys if k not in fixed]

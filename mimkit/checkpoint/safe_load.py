@@ -19,11 +19,13 @@ from typing import Any, BinaryIO
 
 import torch
 
+from mimkit.errors import UserError
+
 _CHUNK = 8 << 20  # read size for hashing: large enough that Python overhead is negligible
 _TORCH_LOAD = torch.load  # the real reader, kept while :func:`every_torch_load_tensors_only` swaps it
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: missing, half-written, damaged, carrying code, or saved by a
     different world size."""
 
@@ -54,6 +56,13 @@ def deepspeed_record_types() -> list:
     return allowed
 
 
+def refusal_reason(err: Exception) -> str:
+    """The line of torch's weights_only refusal that names what was refused (its first line is advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported global" in line]
+    return (named or lines or [type(err).__name__])[0].split(". Please use")[0]  # not torch's advice to allow it
+
+
 def load_tensors_only(path: str | os.PathLike | BinaryIO, map_location: Any = "cpu",
                       name: str | os.PathLike | None = None, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` with DeepSpeed's record types allowed; refuse anything else.
@@ -64,7 +73,7 @@ def load_tensors_only(path: str | os.PathLike | BinaryIO, map_location: Any = "c
             return _TORCH_LOAD(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointFile(f"{name or path}: refused to unpickle: it holds objects other than tensors, plain "
-                                   f"containers and DeepSpeed's records ({str(err).splitlines()[0]})") from err
+                                   f"containers and DeepSpeed's records ({refusal_reason(err)})") from err
 
 
 @contextlib.contextmanager

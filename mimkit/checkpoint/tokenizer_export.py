@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from mimkit.checkpoint.export_format import (TOKENIZER_FORMAT, WEIGHTS_FILE, is_export, read_export_meta,
                                              write_export)
+from mimkit.errors import BadValue, MissingPath
 
 REQUIRED_META = ("input_size", "interpolation", "mean", "std")
 
@@ -141,14 +142,18 @@ class Tokenizer:
     __call__ = tokenize
 
 
-def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tokenizer:
-    """Load an export folder written by :func:`save_tokenizer_export`."""
+def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu", key: str | None = None) -> Tokenizer:
+    """Load an export folder written by :func:`save_tokenizer_export`; ``key``: the config key that named
+    it, for the messages."""
+    where = f"{key}={path}" if key else str(path)
     path = Path(path)
     if not is_export(path):
-        raise FileNotFoundError(f"{path} is not a tokenizer export (needs mimkit.json and model.safetensors)")
+        raise MissingPath(f"{where}: not a tokenizer export (a folder with mimkit.json and model.safetensors, "
+                          "as the tokenizers stage writes into RUN/export)")
     info = read_export_meta(path)
     if info.get("format") != TOKENIZER_FORMAT:
-        raise ValueError(f"{path}: mimkit.json's format {info.get('format')!r} is not {TOKENIZER_FORMAT!r}")
+        raise BadValue(f"{where}: mimkit.json's format {info.get('format')!r} is not {TOKENIZER_FORMAT!r} "
+                       "(a ViT export where a tokenizer export belongs?)")
     weights_path = path / WEIGHTS_FILE
     model = build_tokenizer_model(info["kind"], info["arch"])
     state = load_file(str(weights_path))

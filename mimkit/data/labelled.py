@@ -21,6 +21,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from mimkit.errors import BadValue
+
 MAX_STAND_INS = 100  # undecodable images in a row before giving up on an index
 
 
@@ -36,7 +38,7 @@ class TarShardImages(torch.utils.data.Dataset):
         from mimkit.data.stream import SkipCounter
 
         if not spec:
-            raise ValueError(f"{key} is empty: data.format=shards needs a shard spec")
+            raise BadValue(f"{key} is empty: data.format=shards needs a shard spec")
         sources = expand_shards(spec, key)
         self.shards = [p for source in sources for p in source]
         self.transform = transform
@@ -70,7 +72,7 @@ class TarShardImages(torch.utils.data.Dataset):
         self._spool = spool  # lives as long as the dataset
         if not self.targets:
             keys = ", ".join(f"{k} ({n})" for k, n in sorted(found.items())) or "none"
-            raise ValueError(f"{key}={spec}: no labelled sample (keys found: {keys}); fine-tuning needs .cls "
+            raise BadValue(f"{key}={spec}: no labelled sample (keys found: {keys}); fine-tuning needs .cls "
                              "(an integer or a class name) or .txt class names, with class names listed in "
                              "classes.json beside the shards or data.classes=")
         if self.skips.counts and int(os.environ.get("RANK", "0")) == 0:

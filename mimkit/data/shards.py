@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Iterable, Union
 
 from PIL import Image
-from tqdm.auto import tqdm
 
 from mimkit.data.transforms import to_rgb
+from mimkit.runlog import progress as progress_bar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 Source = Union[str, os.PathLike, bytes, Image.Image]
@@ -174,7 +174,7 @@ def _write(items, dest: Destination, out, maxcount, maxsize, prefix, classes, me
     try:
         numbered = ((i, *item) for i, item in enumerate(items))
         results = pool.imap(_encode, ((i, item[0]) for i, item in enumerate(items)), chunksize=8) if pool else None
-        bar = tqdm(total=total, unit="img", desc=f"shards -> {out}", disable=not progress)
+        bar = progress_bar(total=total, desc=f"shards -> {out}", enabled=progress, unit="img")
         for item in numbered:
             payload, error = next(results) if pool else _encode(item)
             index, source, label = item[0], item[1], item[2] if len(item) > 2 else None

@@ -36,6 +36,7 @@ from typing import Callable, Generator, Optional
 from PIL import Image
 
 from mimkit.data.transforms import to_rgb
+from mimkit.errors import BadValue, MissingPath
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -119,13 +120,13 @@ def expand_shards(spec: str, key: str = "data.shards") -> list[list[str]]:
                     paths.append(pattern)
         missing = [p for p in paths if not (is_pipe(p) or is_url(p)) and not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{key}={part}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+            raise MissingPath(f"{key}={part}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
         if not paths:
-            raise FileNotFoundError(f"{key}={part}: no shards there (.tar / .tar.gz / .tgz files, a folder of "
+            raise MissingPath(f"{key}={part}: no shards there (.tar / .tar.gz / .tgz files, a folder of "
                                     "them, a brace pattern, a glob, pipe:COMMAND or a URL)")
         sources.append(paths)
     if not sources:
-        raise ValueError(f"{key} is empty")
+        raise BadValue(f"{key} is empty: set it to the shards (a folder of .tar files, a brace pattern, pipe:, a URL)")
     return sources
 
 

@@ -26,6 +26,9 @@ import torch.nn as nn
 
 from mimkit.distributed.env import init_rank_env
 from mimkit.optim import apply_schedule
+from mimkit.runlog import filter_known_noise
+
+filter_known_noise()  # before DeepSpeed is imported: its logger and torch's deprecation warnings
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 

@@ -29,13 +29,13 @@ GLOBAL_POOL = ("token", "avg")
 
 @dataclass
 class ViTConfig:
-    img_size: int = 224
-    patch_size: int = 16
+    img_size: int = 224  # input side in pixels (position tables are built for img_size / patch_size)
+    patch_size: int = 16  # pixels a patch side
     in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
+    embed_dim: int = 768  # width
+    depth: int = 12  # blocks
+    num_heads: int = 12  # attention heads (embed_dim / num_heads a head)
+    mlp_ratio: float = 4.0  # MLP hidden size / width
     qkv_bias: str = "qkv"  # "qkv" | "qv" (BEiT: no k bias) | "none"
     pos_embed: str = "learned"  # "learned" | "sincos" (fixed, MAE / MILAN) | "none"
     rel_pos: str = "none"  # "none" | "block" (a table per block) | "shared" (BEiT pretraining)

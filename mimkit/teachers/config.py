@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mimkit.checkpoint.export_format import is_export
+from mimkit.errors import BadValue, MissingPath
 from mimkit.teachers.base import TEACHER_DTYPES, Teacher
 from mimkit.teachers.clip import CLIPTeacher
 from mimkit.teachers.vit_export import ViTExportTeacher
@@ -40,23 +41,23 @@ class TeacherConfig:
         """The checks that need no file and no network, so a config fails before any work starts.
         ``key``: where this section sits in the user's config, for the messages."""
         if self.kind not in TEACHER_KINDS:
-            raise ValueError(f"unknown {key}.kind {self.kind!r}; known: {list(TEACHER_KINDS)}")
+            raise BadValue(f"unknown {key}.kind {self.kind!r}; known: {list(TEACHER_KINDS)}")
         if self.precision not in TEACHER_DTYPES:
-            raise ValueError(f"{key}.precision={self.precision!r}: expected one of {sorted(TEACHER_DTYPES)}")
+            raise BadValue(f"{key}.precision={self.precision!r}: expected one of {sorted(TEACHER_DTYPES)}")
         has_export = self.export is not None and bool(str(self.export).strip())
         if self.kind == "vit_export":
             if not has_export:
-                raise ValueError(f"{key}.kind is vit_export but {key}.export is empty: set it to a mimkit export "
+                raise BadValue(f"{key}.kind is vit_export but {key}.export is empty: set it to a mimkit export "
                                  f"folder (model.safetensors + mimkit.json), e.g. {key}.export=runs/demo/beit/export")
             return
         if has_export:
             # Without this, a forgotten kind would silently give an open_clip teacher (random without `pretrained`).
-            raise ValueError(f"{key}.export={self.export} is only read with {key}.kind=vit_export "
+            raise BadValue(f"{key}.export={self.export} is only read with {key}.kind=vit_export "
                              f"({key}.kind is {self.kind!r})")
         # The paper presets leave `pretrained` empty for the user to fill; None (random weights) is meant only
         # for benchmarks. An empty string would silently give a random teacher: refuse it.
         if self.model_cfg is None and self.pretrained is not None and not str(self.pretrained).strip():
-            raise ValueError(f"{key}.pretrained is empty: set it to an open_clip tag for {self.model_name} that is "
+            raise BadValue(f"{key}.pretrained is empty: set it to an open_clip tag for {self.model_name} that is "
                              f"in your cache (e.g. openai, with {key}.cache_dir) or to a checkpoint file")
 
 
@@ -72,13 +73,13 @@ def resolve_model_cfg(model_cfg: Any, key: str = "teacher.model_cfg") -> Optiona
     if isinstance(model_cfg, (str, Path)):
         path = Path(model_cfg).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"{key}={model_cfg}: no such file (an open_clip model-config JSON, "
+            raise MissingPath(f"{key}={model_cfg}: no such file (an open_clip model-config JSON, "
                                     "or give the mapping inline)")
         loaded = json.loads(path.read_text())
         if not isinstance(loaded, dict):
-            raise ValueError(f"{key}={model_cfg}: the file holds a {type(loaded).__name__}, not a model config")
+            raise BadValue(f"{key}={model_cfg}: the file holds a {type(loaded).__name__}, not a model config")
         return loaded
-    raise ValueError(f"{key}={model_cfg!r}: expected an open_clip model-config mapping or a JSON file path")
+    raise BadValue(f"{key}={model_cfg!r}: expected an open_clip model-config mapping or a JSON file path")
 
 
 _warned_random: set[str] = set()
@@ -92,7 +93,7 @@ def build_teacher(cfg: TeacherConfig, key: str = "teacher") -> Teacher:
     if cfg.kind == "vit_export":
         export = Path(cfg.export).expanduser().resolve()
         if not is_export(export):
-            raise FileNotFoundError(f"{key}.export={cfg.export}: not a mimkit export (needs model.safetensors "
+            raise MissingPath(f"{key}.export={cfg.export}: not a mimkit export (needs model.safetensors "
                                     "and mimkit.json)")
         cfg.export = str(export)
         return ViTExportTeacher(export, precision=cfg.precision)
