@@ -118,6 +118,11 @@ class LineProgress:
         total = f"/{self.total}" if self.total else ""
         print(f"{self.desc}: {self.n}{total} {self.postfix} [{elapsed}]".replace("  ", " "), file=sys.stderr, flush=True)
 
+    def write(self, text: str) -> None:
+        """A line of its own (tqdm.write's place for messages between progress lines)."""
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if not self.closed and self.n > 0 and (self.marks or not self.total):  # stopped early, or no total
             self._line()

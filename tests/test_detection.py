@@ -114,4 +114,4 @@ def test_the_command_names_a_wrong_value_in_one_line(demo, tmp_path, capsys):
     assert main(["--config", str(TINY), *_args(demo, tmp_path, "run.name=bad", "options.hflip=0.5",
                                                 "data.root=/nonexistent")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["finetune: error: data.root=/nonexistent: no image folder /nonexistent/images/train"]
+    assert err == ["finetune: data.root=/nonexistent: no image folder /nonexistent/images/train"]

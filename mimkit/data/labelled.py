@@ -42,7 +42,7 @@ class TarShardImages(torch.utils.data.Dataset):
         sources = expand_shards(spec, key)
         self.shards = [p for source in sources for p in source]
         self.transform = transform
-        self.skips = SkipCounter()
+        self.skips = SkipCounter(warn=False)  # indexing: one summary line below, not one per sample
         labels = LabelReader(find_classes(sources, classes))
         self.items: list = []  # MemberRef of each sample's image
         self.targets: list[int] = []
@@ -78,6 +78,7 @@ class TarShardImages(torch.utils.data.Dataset):
         if self.skips.counts and int(os.environ.get("RANK", "0")) == 0:
             print(f"[data] {key}: {len(self.items)} samples from {len(self.shards)} shards; skipped while "
                   f"indexing: {dict(self.skips.counts)}", flush=True)
+        self.skips.warn = True  # undecodable images met while training are reported as they come
         self._files: dict[str, object] = {}  # per-worker open handles
 
     def __len__(self) -> int:

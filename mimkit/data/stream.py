@@ -168,11 +168,11 @@ def shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> I
 
 class SkipCounter:
     """Counts skips by reason (`SKIP_REASONS`: samples, and shards that failed); warns for the first few,
-    then at most every `interval_s`."""
+    then at most every `interval_s`; `warn=False`: counts only (the caller reports them)."""
 
-    def __init__(self, first: int = 5, interval_s: float = 60.0):
+    def __init__(self, first: int = 5, interval_s: float = 60.0, warn: bool = True):
         self.counts: Counter[str] = Counter()
-        self.first, self.interval_s = first, interval_s
+        self.first, self.interval_s, self.warn = first, interval_s, warn
         self._last = -math.inf
         self._since_batch: Counter[str] = Counter()
 
@@ -182,7 +182,7 @@ class SkipCounter:
         self._since_batch[reason] += 1
         total = sum(self.counts.values())
         now = time.monotonic()
-        if total <= self.first or now - self._last >= self.interval_s:
+        if self.warn and (total <= self.first or now - self._last >= self.interval_s):
             self._last = now
             log.warning("skipped (%s): %s [skipped so far: %s]", reason, detail, dict(self.counts))
 
