@@ -149,8 +149,10 @@ def compare(inits: dict[str, str], config: str, overrides: list[str], modes: tup
                     start = time.time()
                     with scratch_architecture(meta), quiet_progress():
                         runs.append(train(cfg))
-                    print(f"{cfg.run.name}: top-1 {runs[-1]['top1']:.1f} (best {runs[-1]['best_top1']:.1f}), "
-                          f"{runs[-1]['steps']} steps, {time.time() - start:.0f}s", flush=True)
+                    result = runs[-1]
+                    m = result.get("primary", "top1")
+                    print(f"{cfg.run.name}: {m} {result[m]:.1f} (best {result[f'best_{m}']:.1f}), "
+                          f"{result['steps']} steps, {time.time() - start:.0f}s", flush=True)
                 by_lr[lr] = summarise(runs)
             m = next(iter(by_lr.values()))["metric"]
             best_lr = max(by_lr, key=lambda lr: by_lr[lr][m])
