@@ -33,7 +33,7 @@ class TarShardImages(torch.utils.data.Dataset):
     def __init__(self, spec: str, transform: Optional[Callable] = None, classes: str = "",
                  key: str = "data.train_shards"):
         from mimkit.data.sources import (
-            BadLabel, LabelReader, Spool, expand_shards, find_classes, image_key, is_local_tar, read_shard,
+            BadLabel, LabelReader, Spool, expand_shards, find_classes, image_key, is_local_tar, member_bytes, read_shard,
         )
         from mimkit.data.stream import SkipCounter
 
@@ -58,7 +58,7 @@ class TarShardImages(torch.utils.data.Dataset):
                     self.skips("missing image", name)
                     continue
                 try:
-                    label = labels({k: _bytes(raw[k]) for k in labels.keys() if k in raw})
+                    label = labels({k: member_bytes(raw[k]) for k in labels.keys() if k in raw})
                 except BadLabel as err:
                     self.skips("bad label", f"{name}: {err}")
                     continue
@@ -110,10 +110,6 @@ class TarShardImages(torch.utils.data.Dataset):
         state = dict(self.__dict__)
         state["_files"] = {}
         return state
-
-
-def _bytes(value) -> bytes:
-    return value if isinstance(value, bytes) else value.read()
 
 
 

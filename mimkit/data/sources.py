@@ -260,6 +260,11 @@ class MemberRef:
             return f.read(self.size)
 
 
+def member_bytes(value: "bytes | MemberRef") -> bytes:
+    """A sample field's bytes: read now when the reader only noted where they are (a `MemberRef`)."""
+    return value.read() if isinstance(value, MemberRef) else value
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """WebDataset convention: "dir/key.ext.more" -> ("dir/key", "ext.more"), extension lower-cased."""
     folder, base = os.path.split(name)

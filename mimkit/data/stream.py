@@ -56,8 +56,8 @@ from PIL import Image
 
 from mimkit.data.masking import MaskSource
 from mimkit.data.sources import (
-    DECODE_ERRORS, SKIP_REASONS, BadLabel, LabelReader, MemberRef, expand_shards, find_classes, image_key, is_local_tar,
-    read_shard, read_sizes, skip_key,
+    DECODE_ERRORS, SKIP_REASONS, BadLabel, LabelReader, expand_shards, find_classes, image_key, is_local_tar,
+    member_bytes, read_shard, read_sizes, skip_key,
 )
 from mimkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, SecondView, build_transform
 from mimkit.distributed.lifetime import worker_init_dies_with_parent
@@ -348,7 +348,7 @@ class WorkerStream:
         label = -1
         if self.e.labels is not None:  # only a stage that asks for labels parses them
             try:
-                found = self.e.labels({k: _bytes(raw[k]) for k in self.e.labels.keys() if k in raw})
+                found = self.e.labels({k: member_bytes(raw[k]) for k in self.e.labels.keys() if k in raw})
             except BadLabel as err:
                 self.skips("bad label", f"{name}: {err}")
                 return None
@@ -357,7 +357,7 @@ class WorkerStream:
                 return None
             label = -1 if found is None else found
         try:
-            with Image.open(io.BytesIO(_bytes(raw[ext]))) as img:
+            with Image.open(io.BytesIO(member_bytes(raw[ext]))) as img:
                 sample = self.e.transform(img)
         except DECODE_ERRORS as err:
             self.skips("undecodable image", f"{name}: {type(err).__name__}: {err}")
@@ -366,10 +366,6 @@ class WorkerStream:
         if self.cfg.return_keys:
             sample["key"] = f"{os.path.basename(raw['__shard__'])}/{raw['__key__']}"
         return sample
-
-
-def _bytes(value: bytes | MemberRef) -> bytes:
-    return value.read() if isinstance(value, MemberRef) else value
 
 
 # ----------------------------------------------------------------------------------------- loader
