@@ -34,3 +34,7 @@ if engine.rank == 0:
     save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, out)
     print(f"probe: step {state['step']} samples {state['samples']} ranks {len(state['ranks'])} "
           f"wd_scale {[g['wd_scale'] for g in engine.param_groups]}")
+# Leave together: under ZeRO-3 a rank that exits while its peer still runs (rank 0 writing the file) can
+# abort in DeepSpeed's teardown over gloo ("terminate called without an active exception").
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
