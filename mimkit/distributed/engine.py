@@ -15,6 +15,7 @@ in a row raise :class:`NonFiniteError` on every rank.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -138,13 +139,12 @@ def init_process_group(cfg: EngineConfig) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is True on any rank (one tiny all-reduce)."""
+def any_rank(flag: bool, device: torch.device | str) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one tiny all-reduce on the engine's device:
+    NCCL refuses a host tensor)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
@@ -228,7 +228,7 @@ class Engine:
     def train_step(self, loss: torch.Tensor) -> StepResult:
         """Backward of one micro-batch, and the optimizer step at the accumulation boundary."""
         loss_value = float(loss.detach().float())
-        loss_bad = any_rank(not torch.isfinite(loss.detach()).all().item())
+        loss_bad = any_rank(not torch.isfinite(loss.detach()).all().item(), self.device)
         self._window_loss_bad |= loss_bad
         # Backward still runs on a bad micro-batch (with the loss zeroed) so DeepSpeed's hooks and
         # counters stay in step on every rank; the window's optimizer step is vetoed below.
@@ -241,7 +241,7 @@ class Engine:
             if self.cfg.zero_stage == 0 and self.cfg.precision == "fp32":
                 # no DeepSpeed wrapper checks these grads: they are reduced, so equal on every rank
                 grad_norm = _local_grad_norm(self.ds.module)
-                skip = any_rank(skip or not torch.isfinite(torch.tensor(grad_norm)).item())
+                skip = any_rank(skip or not math.isfinite(grad_norm), self.device)
             self.optimizer.skip_next = skip
         self.ds.step()
         self.micro_step += 1

@@ -123,13 +123,13 @@ class PreemptionFlag:
         return stop
 
     def _flag_group(self):
-        """A CPU (gloo) group for the flag: an all-reduce on NCCL would make the host wait for the GPU
-        every step. Created on first use, which every rank reaches at the same step."""
+        """The flag's own CPU (gloo) group, whatever the world's backend: on NCCL a host tensor is refused
+        and a device one would make the host wait for the GPU every step. Created on first use, which
+        every rank reaches at the same step."""
         import torch.distributed as dist
 
         if self._group is None:
-            backend = str(dist.get_backend()).lower()
-            self._group = dist.group.WORLD if "gloo" in backend else dist.new_group(backend="gloo")
+            self._group = dist.new_group(backend="gloo")
         return self._group
 
 
