@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from PIL import Image
 
+from mimkit.data.sources import MemberReader, MemberRef, ShardIndex, image_key, index_shards
+from mimkit.errors import BadValue
 
 IGNORE = 255
 ADE_SPLITS = {"train": "training", "val": "validation"}
@@ -51,46 +52,9 @@ def restore_zero_label(label: np.ndarray) -> np.ndarray:
 
 
 # ---- sources ---------------------------------------------------------------------------------------
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image member of a sample, first found
 
 
-class TarShardIndex:
-    """Random access into tar shards: one pass over the headers finds, per sample key, the (shard, byte
-    offset, size) of the members whose extensions are asked for; `read` returns a member's bytes. Members
-    are read, never extracted. Open handles stay per process (they do not travel to DataLoader workers)."""
-
-    def __init__(self, spec: str, wanted: Callable[[str], bool]):
-        from mimkit.data.sources import expand_shards, split_member_name
-
-        self.shards = [p for source in expand_shards(spec) for p in source]
-        self.samples: list[dict[str, tuple[int, int, int]]] = []  # per sample: {ext: (shard, offset, size)}
-        for s, path in enumerate(self.shards):
-            by_key: dict[str, dict] = {}
-            with tarfile.open(path) as tar:
-                for m in tar:
-                    if not m.isfile() or "." not in os.path.basename(m.name):
-                        continue
-                    key, ext = split_member_name(m.name)
-                    if wanted(ext):
-                        by_key.setdefault(key, {})[ext] = (s, m.offset_data, m.size)
-            self.samples += by_key.values()
-        self._files: dict[int, object] = {}
-
-    def read(self, member: tuple[int, int, int]) -> bytes:
-        s, offset, size = member
-        if s not in self._files:
-            self._files[s] = open(self.shards[s], "rb")
-        f = self._files[s]
-        f.seek(offset)
-        return f.read(size)
-
-    def __getstate__(self):  # handles do not travel to workers
-        state = dict(self.__dict__)
-        state["_files"] = {}
-        return state
-
-
-Source = Union[Path, tuple[int, int, int]]  # a file, or a member of a TarShardIndex
+Source = Union[Path, MemberRef]  # a file, or a tar member (`mimkit.data.sources.index_shards`)
 
 
 def ade_pairs(root: str, split: str) -> list[tuple[Path, Path]]:
@@ -109,17 +73,28 @@ def ade_pairs(root: str, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def shard_pairs(spec: str) -> tuple[TarShardIndex, list[tuple[Source, Source]]]:
-    """(index, [(image member, label member)]) of tar shards holding KEY.jpg + KEY.seg.png."""
-    index = TarShardIndex(spec, lambda ext: ext in IMAGE_EXTS or ext == "seg.png")
-    pairs = []
-    for sample in index.samples:
-        image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-        if image is not None and "seg.png" in sample:  # a truncated shard leaves halves: skip them
-            pairs.append((image, sample["seg.png"]))
-    if not pairs:
-        raise FileNotFoundError(f"no .jpg + .seg.png samples in the shards {spec!r}")
-    return index, pairs
+def shard_pairs(spec: str, key: str = "data.train_shards") -> tuple[ShardIndex, list[tuple[Source, Source]]]:
+    """(index, [(image member, label member)]) of tar shards holding KEY.jpg + KEY.seg.png, read by the
+    shared shard reader (local, .tar.gz, pipe:, URLs; truncated shards keep their whole samples)."""
+    from mimkit.data.stream import SkipCounter
+
+    skips = SkipCounter(warn=False)
+
+    def image_and_label(raw: dict, name: str) -> Optional[dict]:
+        ext = image_key(raw)
+        if ext is None:
+            return skips("missing image", name)
+        if "seg.png" not in raw:
+            return skips("missing label", f"{name}: no .seg.png")
+        return {"image": raw[ext], "label": raw["seg.png"]}
+
+    index = index_shards(spec, key, image_and_label, skips)
+    if not index.kept:
+        raise BadValue(f"{key}={spec}: no .jpg + .seg.png samples in these shards")
+    if skips.counts and int(os.environ.get("RANK", "0")) == 0:
+        print(f"[data] {key}: {len(index.kept)} samples from {len(index.shards)} shards; skipped while indexing: "
+              f"{dict(skips.counts)}", flush=True)
+    return index, [(k["image"], k["label"]) for k in index.kept]
 
 
 # ---- the pipeline ------------------------------------------------------------------------------------
@@ -219,8 +194,10 @@ class SegmentationSamples(torch.utils.data.Dataset):
     `set_epoch` reseeds the augmentation (the epoch lives in shared memory, so persistent workers see it)."""
 
     def __init__(self, pairs: list[tuple[Source, Source]], pipeline: SegPipeline, train: bool, seed: int = 0,
-                 index: Optional[TarShardIndex] = None):
+                 index: Optional[ShardIndex] = None):
+        # `index` keeps the spool of streamed shards alive as long as the samples read from it
         self.pairs, self.pipeline, self.train, self.seed, self.index = pairs, pipeline, train, seed, index
+        self._read = MemberReader()
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
@@ -230,7 +207,7 @@ class SegmentationSamples(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def _bytes(self, source: Source) -> bytes:
-        return source.read_bytes() if isinstance(source, Path) else self.index.read(source)
+        return source.read_bytes() if isinstance(source, Path) else self._read(source)
 
     def load(self, i: int) -> tuple[Image.Image, np.ndarray]:
         """The decoded image (RGB) and its training labels ([H, W] uint8, 255 = ignored)."""
@@ -257,7 +234,7 @@ def build_seg_dataset(fmt: str, root: str, shards: str, split: str, pipeline: Se
     if fmt == "ade":
         return SegmentationSamples(ade_pairs(root, split), pipeline, split == "train", seed)
     if fmt == "shards":
-        index, pairs = shard_pairs(shards)
+        index, pairs = shard_pairs(shards, "data.train_shards" if split == "train" else "data.val_shards")
         return SegmentationSamples(pairs, pipeline, split == "train", seed, index)
     raise ValueError(f"data.format must be 'ade' or 'shards' for segmentation, got {fmt!r}")
 

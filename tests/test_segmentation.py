@@ -169,6 +169,23 @@ def test_shards_hold_the_same_samples_as_the_folder(demo, tmp_path):
         a, b = folder[i], shards[i]
         assert torch.equal(a["label"], b["label"]) and torch.equal(a["image"], b["image"])
         assert a["image"].shape == (3, 32, 32) and set(a["label"].unique().tolist()) <= {0, 1, 2, 3, 255}
+    # the shared shard reader: gzipped shards are streamed and spooled, a truncated one keeps its whole samples
+    import gzip
+    import shutil
+
+    for i, path in enumerate(sorted((tmp_path / "shards").glob("*.tar"))):
+        data = path.read_bytes()
+        if i == 2:
+            (tmp_path / "shards" / path.name).write_bytes(data[:1536])  # cut inside its first sample: nothing whole is left
+        else:
+            with gzip.open(tmp_path / "shards" / f"{path.stem}.tar.gz", "wb") as f:
+                f.write(data)
+            path.unlink()
+    index, mixed = shard_pairs(str(tmp_path / "shards"))
+    assert index.spool is not None and len(mixed) == 10 and len(pairs) > 10
+    streamed = SegmentationSamples(mixed, pipeline, train=True, seed=3, index=index)
+    assert torch.equal(streamed[7]["image"], folder[7]["image"]) and torch.equal(streamed[7]["label"], folder[7]["label"])
+    shutil.rmtree(tmp_path / "shards")
     first = folder[0]["image"]
     assert torch.equal(folder[0]["image"], first)  # seeded per (seed, epoch, index)
     folder.set_epoch(1)

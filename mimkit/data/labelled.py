@@ -27,49 +27,39 @@ MAX_STAND_INS = 100  # undecodable images in a row before giving up on an index
 
 
 class TarShardImages(torch.utils.data.Dataset):
-    """Random access into tar shards: one pass builds (image bytes' place, label) per sample; local
-    uncompressed tars by their headers alone, other shards by reading them through once into a spool."""
+    """Random access into tar shards (`mimkit.data.sources.index_shards`): each sample's image member and
+    label, found in one pass; local uncompressed tars by their headers alone, other shards spooled once."""
 
     def __init__(self, spec: str, transform: Optional[Callable] = None, classes: str = "",
                  key: str = "data.train_shards"):
-        from mimkit.data.sources import (
-            BadLabel, LabelReader, Spool, expand_shards, find_classes, image_key, is_local_tar, member_bytes, read_shard,
-        )
+        from mimkit.data.sources import BadLabel, LabelReader, MemberReader, expand_shards, find_classes, image_key, \
+            index_shards, member_bytes
         from mimkit.data.stream import SkipCounter
 
         if not spec:
             raise BadValue(f"{key} is empty: data.format=shards needs a shard spec")
-        sources = expand_shards(spec, key)
-        self.shards = [p for source in sources for p in source]
+        labels = LabelReader(find_classes(expand_shards(spec, key), classes))
         self.transform = transform
         self.skips = SkipCounter(warn=False)  # indexing: one summary line below, not one per sample
-        labels = LabelReader(find_classes(sources, classes))
-        self.items: list = []  # MemberRef of each sample's image
-        self.targets: list[int] = []
-        spool, found = None, Counter()
-        for path in self.shards:
-            local = is_local_tar(path)
-            if not local and spool is None:
-                spool = Spool()
-            for raw in read_shard(path, lambda: not local, self.skips):
-                found.update(k for k in raw if not k.startswith("__"))
-                name, ext = f"{path}:{raw['__key__']}", image_key(raw)
-                if ext is None:
-                    self.skips("missing image", name)
-                    continue
-                try:
-                    label = labels({k: member_bytes(raw[k]) for k in labels.keys() if k in raw})
-                except BadLabel as err:
-                    self.skips("bad label", f"{name}: {err}")
-                    continue
-                if label is None:
-                    self.skips("missing label", name)
-                    continue
-                self.items.append(raw[ext] if local else spool.keep(raw[ext]))
-                self.targets.append(label)
-        if spool is not None:
-            spool.close()
-        self._spool = spool  # lives as long as the dataset
+        found = Counter()
+
+        def image_and_label(raw: dict, name: str) -> Optional[dict]:
+            found.update(k for k in raw if not k.startswith("__"))
+            ext = image_key(raw)
+            if ext is None:
+                return self.skips("missing image", name)
+            try:
+                label = labels({k: member_bytes(raw[k]) for k in labels.keys() if k in raw})
+            except BadLabel as err:
+                return self.skips("bad label", f"{name}: {err}")
+            if label is None:
+                return self.skips("missing label", name)
+            return {"image": raw[ext], "label": label}
+
+        index = index_shards(spec, key, image_and_label, self.skips)
+        self.shards, self._spool = index.shards, index.spool  # the spool lives as long as the dataset
+        self.items = [k["image"] for k in index.kept]  # MemberRef of each sample's image
+        self.targets: list[int] = [k["label"] for k in index.kept]
         if not self.targets:
             keys = ", ".join(f"{k} ({n})" for k, n in sorted(found.items())) or "none"
             raise BadValue(f"{key}={spec}: no labelled sample (keys found: {keys}); fine-tuning needs .cls "
@@ -79,17 +69,10 @@ class TarShardImages(torch.utils.data.Dataset):
             print(f"[data] {key}: {len(self.items)} samples from {len(self.shards)} shards; skipped while "
                   f"indexing: {dict(self.skips.counts)}", flush=True)
         self.skips.warn = True  # undecodable images met while training are reported as they come
-        self._files: dict[str, object] = {}  # per-worker open handles
+        self._read = MemberReader()
 
     def __len__(self) -> int:
         return len(self.items)
-
-    def _read(self, ref) -> bytes:
-        f = self._files.get(ref.path)
-        if f is None:
-            f = self._files[ref.path] = open(ref.path, "rb")
-        f.seek(ref.offset)
-        return f.read(ref.size)
 
     def __getitem__(self, index: int):
         """The image and label at `index`; an image that does not decode is counted and the next decodable
@@ -105,12 +88,6 @@ class TarShardImages(torch.utils.data.Dataset):
             return (self.transform(image) if self.transform else image), self.targets[i]
         raise RuntimeError(f"{MAX_STAND_INS} undecodable images in a row from sample {index}: "
                            f"skipped so far {dict(self.skips.counts)}")
-
-    def __getstate__(self):  # handles do not travel to workers
-        state = dict(self.__dict__)
-        state["_files"] = {}
-        return state
-
 
 
 def is_shard_spec(spec: str) -> bool:

@@ -469,6 +469,53 @@ class Spool:
         return {"path": self.path, "_file": None}
 
 
+class MemberReader:
+    """Reads MemberRefs through handles kept open per process (they do not travel to DataLoader workers)."""
+
+    def __init__(self):
+        self._files: dict[str, object] = {}
+
+    def __call__(self, ref: MemberRef) -> bytes:
+        f = self._files.get(ref.path)
+        if f is None:
+            f = self._files[ref.path] = open(ref.path, "rb")
+        f.seek(ref.offset)
+        return f.read(ref.size)
+
+    def __getstate__(self):
+        return {"_files": {}}
+
+
+@dataclass
+class ShardIndex:
+    """Random access to tar shards, built in one pass through `read_shard`: `kept[i]` is what `keep`
+    kept of sample i, each member a `MemberRef` (local tars by their headers alone; members of streamed
+    shards are written once to a local `Spool`, which lives as long as the index)."""
+
+    shards: list[str]
+    kept: list[dict]
+    spool: Optional[Spool]
+
+
+def index_shards(spec: str, key: str, keep: Callable[[dict, str], Optional[dict]], on_skip: OnSkip) -> ShardIndex:
+    """`keep(sample, name)` gets each sample as `read_shard` gives it and returns the fields to keep
+    (member values: bytes or MemberRef; anything else is kept as is), or None to drop it (after calling
+    `on_skip` with the reason, if it is one). Failed and truncated shards are reported through `on_skip`."""
+    shards = [p for source in expand_shards(spec, key) for p in source]
+    kept, spool = [], None
+    for path in shards:
+        local = is_local_tar(path)
+        if not local and spool is None:
+            spool = Spool()
+        for raw in read_shard(path, lambda: not local, on_skip):
+            fields = keep(raw, f"{path}:{raw['__key__']}")
+            if fields is not None:
+                kept.append({k: spool.keep(v) if isinstance(v, bytes) else v for k, v in fields.items()})
+    if spool is not None:
+        spool.close()
+    return ShardIndex(shards, kept, spool)
+
+
 def _remove_if_mine(path: str, pid: int) -> None:
     if os.getpid() == pid:
         with contextlib.suppress(OSError):
