@@ -14,7 +14,6 @@ an uninterrupted run exactly (fp32).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -42,8 +41,7 @@ from mimkit.runlog import MetricsLogger, make_run_dir, progress
 def mask_generator(seed: int, rank: int, index: int) -> torch.Generator:
     """The CPU generator of the `index`-th micro-batch's masks on `rank`: a function of the position
     alone, so a resumed run draws the same masks without saving any state."""
-    mixed = int.from_bytes(hashlib.blake2b(repr((seed, rank, index)).encode(), digest_size=8).digest(), "little")
-    return torch.Generator().manual_seed(mixed >> 1)
+    return torch.Generator().manual_seed(derive_seed(seed, rank, index))
 
 
 class PretrainStep:

@@ -31,7 +31,6 @@ same code: :func:`publish_latest`, :func:`latest_tag`, :func:`resolve_resume`, :
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -497,8 +496,9 @@ def _load_buffers(module: torch.nn.Module, universal_dir: Path) -> None:
 def _reseed(rank: int, step: int) -> None:
     """Fresh RNG states on a new world size (the saved ones belong to other ranks): a function of the
     setup's per-rank seed (``torch.initial_seed``) and the step, so no two ranks and no two resumes agree."""
-    seed = int.from_bytes(hashlib.blake2b(repr((torch.initial_seed(), rank, step)).encode(), digest_size=8).digest(),
-                          "little") >> 1
+    from mimkit.data.stream import derive_seed
+
+    seed = derive_seed(torch.initial_seed() >> 32, torch.initial_seed(), rank, step)  # every bit of the 64-bit seed
     random.seed(seed)
     np.random.seed(seed & 0xFFFFFFFF)
     torch.manual_seed(seed)
