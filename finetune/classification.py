@@ -17,13 +17,12 @@ from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from mimkit.checkpoint.load import LoadReport
-from mimkit.distributed.lifetime import worker_init_dies_with_parent
 from mimkit.errors import BadValue
 from mimkit.finetune.class_data import build_dataset, build_transform, dataset_targets, label_subset
 from mimkit.finetune.config import MODES, FinetuneConfig
 from mimkit.finetune.encoder import build_encoder
 from mimkit.finetune.metrics import evaluate
-from mimkit.finetune.task import BuiltModel, TaskSpec
+from mimkit.finetune.task import BuiltModel, TaskSpec, loader_options
 from mimkit.models.vit import VisionTransformer
 
 
@@ -61,7 +60,7 @@ def build_classifier(cfg: FinetuneConfig) -> tuple[nn.Module, Optional[LoadRepor
 
 
 # ---- data ----------------------------------------------------------------------------------------
-def build_loaders(cfg: FinetuneConfig, img_size: int, num_processes: int):
+def build_loaders(cfg: FinetuneConfig, img_size: int, num_processes: int, device: torch.device):
     if cfg.data.batch_size % num_processes or cfg.data.eval_batch_size % num_processes:
         raise BadValue(f"data.batch_size={cfg.data.batch_size}, data.eval_batch_size={cfg.data.eval_batch_size}: "
                        f"global batches, expected multiples of the {num_processes} processes")
@@ -72,12 +71,10 @@ def build_loaders(cfg: FinetuneConfig, img_size: int, num_processes: int):
                                                             cfg.run.seed))
     generator = torch.Generator().manual_seed(cfg.run.seed)
     train_loader = torch.utils.data.DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
-                                               num_workers=cfg.data.num_workers, generator=generator,
-                                               persistent_workers=cfg.data.num_workers > 0,
-                                               worker_init_fn=worker_init_dies_with_parent())
+                                               generator=generator, persistent_workers=cfg.data.num_workers > 0,
+                                               **loader_options(cfg.data.num_workers, device))
     val_loader = torch.utils.data.DataLoader(val, batch_size=cfg.data.eval_batch_size, shuffle=False,
-                                             num_workers=cfg.data.num_workers,
-                                             worker_init_fn=worker_init_dies_with_parent())
+                                             **loader_options(cfg.data.num_workers, device))
     if len(train_loader) == 0:
         raise BadValue(f"data.batch_size={cfg.data.batch_size}: more than the {len(train)} training images "
                        "(no full batch to train on)")
@@ -118,7 +115,7 @@ class Classification:
         return BuiltModel(model, model.encoder if isinstance(model, LinearProbe) else model, report, meta)
 
     def build_loaders(self, img_size: int, accelerator) -> tuple[Any, Any]:
-        train_loader, val_loader = build_loaders(self.cfg, img_size, accelerator.num_processes)
+        train_loader, val_loader = build_loaders(self.cfg, img_size, accelerator.num_processes, accelerator.device)
         return train_loader, accelerator.prepare(val_loader)  # gather_for_metrics drops the padding
 
     def loss(self, model: nn.Module, batch) -> dict[str, Any]:

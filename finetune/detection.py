@@ -35,12 +35,11 @@ from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_imag
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from mimkit.distributed.lifetime import worker_init_dies_with_parent
 from mimkit.finetune.coco_data import Categories, CocoInstances, CocoLayout, check_layout, collate, read_coco
 from mimkit.finetune.coco_eval import STAT_NAMES, evaluate_records, results_for_image
 from mimkit.finetune.config import FinetuneConfig
 from mimkit.finetune.encoder import build_encoder
-from mimkit.finetune.task import BuiltModel, TaskSpec
+from mimkit.finetune.task import BuiltModel, TaskSpec, loader_options
 from mimkit.models.vit import ViTConfig
 from mimkit.models.vitdet import ViTDetBackbone, evenly_spaced_global_blocks
 from mimkit.pictures import save_detections
@@ -204,15 +203,13 @@ class Detection:
         # Workers are not persistent: each epoch's workers copy the dataset after set_epoch (seeded jitter).
         train_loader = torch.utils.data.DataLoader(
             train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-            num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.run.seed),
-            worker_init_fn=worker_init_dies_with_parent())
+            generator=torch.Generator().manual_seed(cfg.run.seed), **loader_options(cfg.data.num_workers, accelerator.device))
         if len(train_loader) == 0:
             raise ValueError(f"{len(train)} training images give no batch of data.batch_size={cfg.data.batch_size}")
         # evaluation: each process its own images (every `world`-th), each image once over all processes
         shard = torch.utils.data.Subset(self.val_set, range(accelerator.process_index, len(self.val_set), world))
         val_loader = torch.utils.data.DataLoader(shard, batch_size=cfg.data.eval_batch_size // world,
-                                                 collate_fn=collate, num_workers=cfg.data.num_workers,
-                                                 worker_init_fn=worker_init_dies_with_parent())
+                                                 collate_fn=collate, **loader_options(cfg.data.num_workers, accelerator.device))
         return train_loader, val_loader
 
     def loss(self, model: nn.Module, batch) -> dict[str, Any]:

@@ -28,14 +28,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mimkit.distributed.lifetime import worker_init_dies_with_parent
 from mimkit.distributed.sync_bn import convert_sync_batchnorm
 from mimkit.finetune.config import FinetuneConfig
 from mimkit.finetune.encoder import build_encoder
 from mimkit.finetune.seg_data import IGNORE, SegPipeline, build_seg_dataset, single
 from mimkit.finetune.seg_heads import FCNHead, LinearDecoder, MaskTransformer, UperNetHead
 from mimkit.finetune.seg_metrics import evaluate_segmentation, nan_to_none
-from mimkit.finetune.task import BuiltModel, TaskSpec
+from mimkit.finetune.task import BuiltModel, TaskSpec, loader_options
 from mimkit.models.pyramid import ViTPyramid
 from mimkit.models.vit import VisionTransformer
 
@@ -159,7 +158,7 @@ class Segmentation:
         train = build_seg_dataset(cfg.data.format, cfg.data.root, cfg.data.train_shards, "train", pipeline, cfg.run.seed)
         val = build_seg_dataset(cfg.data.format, cfg.data.root, cfg.data.val_shards, "val", pipeline, cfg.run.seed)
         generator = torch.Generator().manual_seed(cfg.run.seed)
-        workers = dict(num_workers=cfg.data.num_workers, worker_init_fn=worker_init_dies_with_parent())
+        workers = loader_options(cfg.data.num_workers, accelerator.device)
         train_loader = torch.utils.data.DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
                                                    generator=generator, persistent_workers=cfg.data.num_workers > 0,
                                                    **workers)

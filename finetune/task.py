@@ -28,10 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
+import torch
 import torch.nn as nn
 
 from mimkit.checkpoint.load import LoadReport
+from mimkit.distributed.lifetime import worker_init_dies_with_parent
 from mimkit.models.vit import VisionTransformer
+
+
+def loader_options(num_workers: int, device: torch.device) -> dict[str, Any]:
+    """What every task's DataLoaders share: workers that die with their process, and page-locked batches
+    where they go to a GPU (the copy then overlaps compute: accelerate moves them with non_blocking)."""
+    return dict(num_workers=num_workers, worker_init_fn=worker_init_dies_with_parent(),
+                pin_memory=torch.device(device).type == "cuda")
 
 
 @dataclass

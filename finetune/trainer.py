@@ -305,7 +305,8 @@ def make_accelerator(cfg: FinetuneConfig) -> Accelerator:
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
     if precision == "bf16" and not on_gpu:
         precision = "fp32"  # fp32 on CPU
-    loader_cfg = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.run.seed)
+    loader_cfg = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.run.seed,
+                                         non_blocking=on_gpu)  # from pinned batches (task.loader_options)
     return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if precision == "bf16" else "no",
                        dataloader_config=loader_cfg)
 

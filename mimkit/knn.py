@@ -117,8 +117,9 @@ def encode_slice(encoder: torch.nn.Module, dataset, indices: list[int], cfg: Knn
     """[len(indices), D] features of dataset[indices] (the DataLoader keeps its own seed, so the
     caller's RNG stream is untouched)."""
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=cfg.batch_size,
-                                         num_workers=cfg.num_workers, generator=torch.Generator())
-    out = [pooled_features(encoder, images.to(device, dtype), cfg.feature) for images, _ in loader]
+                                         num_workers=cfg.num_workers, generator=torch.Generator(),
+                                         pin_memory=device.type == "cuda")
+    out = [pooled_features(encoder, images.to(device, dtype, non_blocking=True), cfg.feature) for images, _ in loader]
     return torch.cat(out)
 
 
