@@ -190,6 +190,7 @@ class EpochBatches:
         self.steps_per_epoch = len(loader)
         self.epoch, self.epoch_step = start.epoch, start.epoch_step
         self._rng = start.rng
+        self._skips_seen = 0
 
     @property
     def at_epoch_end(self) -> bool:
@@ -214,6 +215,16 @@ class EpochBatches:
             self._put_back_rng()
             self.epoch_step += 1
             yield batch
+
+    def new_skips(self) -> int:
+        """Samples the train set could not decode (and replaced) since the last call: a dataset may count
+        them with `skipped_samples()` (the shard reader's datasets do); summed over processes per window."""
+        dataset = self.loader.dataset
+        while isinstance(dataset, torch.utils.data.Subset):
+            dataset = dataset.dataset
+        total = dataset.skipped_samples() if hasattr(dataset, "skipped_samples") else 0
+        new, self._skips_seen = total - self._skips_seen, total
+        return new
 
     def _put_back_rng(self) -> None:
         if self._rng is not None:
@@ -257,7 +268,8 @@ class FinetuneStep:
         if self.cfg.optim.clip_grad:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
         self.optimizer.step()
-        return {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()} | {"loss": loss.detach()}
+        metrics = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()} | {"loss": loss.detach()}
+        return metrics | {"skipped_samples": self.batches.new_skips()}
 
     def save(self, step: int) -> None:
         """An epoch-end checkpoint at an epoch's end or the last step, else a mid-epoch one (preemption).
@@ -387,7 +399,7 @@ def run_steps(body: FinetuneStep, flag: PreemptionFlag, run_dir: Path) -> int:
     On preemption: the requeue marker, then :class:`Preempted` goes on up."""
     cfg, accelerator, batches = body.cfg, body.accelerator, body.batches
     loop = LoopConfig(steps=body.total_steps, log_every=cfg.run.log_every, samples_per_step=cfg.data.batch_size,
-                      faults=cfg.debug)
+                      totals=("skipped_samples",), faults=cfg.debug)
     hooks = ([body.update_ema] if body.ema is not None else []) + [body.end_epoch]
     bar = progress(body.total_steps, desc=f"{cfg.mode} {cfg.run.name}", enabled=accelerator.is_main_process,
                    initial=body.start_step)

@@ -23,6 +23,7 @@ from mimkit.data.stream import build_stream
 from mimkit.finetune.class_data import TarShardImages, build_transform
 from mimkit.finetune.config import AugmentConfig, FinetuneConfig
 from mimkit.finetune.trainer import train
+from mimkit.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "finetune" / "tiny_cpu.yaml"
@@ -146,6 +147,13 @@ def test_truncated_shard_and_bad_images_are_skipped_counted_and_the_run_trains(w
                         "optim.epochs=1", "aug.enabled=false", f"data.batch_size={len(dataset) - len(dataset) % 2}",
                         "data.eval_batch_size=16"))
     assert result["steps"] == 1 and np.isfinite(result["top1"])
+    # the skips reach metrics.jsonl: one epoch visits every sample once (an even count: none dropped), so
+    # the run meets exactly the undecodable images (stand-ins that fail too included) a pass by index meets
+    assert len(dataset) % 2 == 0
+    for i in range(len(dataset)):
+        dataset[i]
+    logged = [r["skipped_samples"] for r in read_metrics(tmp_path / "bad") if "skipped_samples" in r]
+    assert sum(logged) == dataset.skipped_samples() >= 3
     out = capsys.readouterr().out
     assert "skipped while indexing: {'truncated tar': 1}" in out
     undecodable = [r.getMessage() for r in caplog.records if "undecodable image" in r.getMessage()]

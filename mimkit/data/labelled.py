@@ -15,6 +15,7 @@ one that does, so one bad file never ends a run. Streamed shards are spooled to 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections import Counter
 from typing import Callable, Optional, Sequence
@@ -70,6 +71,11 @@ class TarShardImages(torch.utils.data.Dataset):
                   f"indexing: {dict(self.skips.counts)}", flush=True)
         self.skips.warn = True  # undecodable images met while training are reported as they come
         self._read = MemberReader()
+        self._undecodable = multiprocessing.Value("q", 0)  # shared with the DataLoader's workers
+
+    def skipped_samples(self) -> int:
+        """Undecodable images met so far by this process and its DataLoader workers (each was replaced)."""
+        return self._undecodable.value
 
     def __len__(self) -> int:
         return len(self.items)
@@ -84,6 +90,8 @@ class TarShardImages(torch.utils.data.Dataset):
                 image = decode_image(self._read(self.items[i]))
             except DECODE_ERRORS as err:
                 self.skips("undecodable image", f"sample {i} ({self.items[i].path}): {type(err).__name__}: {err}")
+                with self._undecodable.get_lock():
+                    self._undecodable.value += 1
                 continue
             return (self.transform(image) if self.transform else image), self.targets[i]
         raise RuntimeError(f"{MAX_STAND_INS} undecodable images in a row from sample {index}: "
