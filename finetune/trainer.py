@@ -429,6 +429,17 @@ def mark_requeue(body: FinetuneStep, flag: PreemptionFlag, run_dir: Path, step: 
           f"exit {REQUEUE_EXIT_CODE} to requeue", flush=True)
 
 
+def resolved_and_checked(cfg: FinetuneConfig) -> FinetuneConfig:
+    """The task's options section, then the task's own checks: a wrong value is one line naming its key,
+    before any work."""
+    cfg = resolve_task(cfg)
+    try:
+        check_config(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise BadValue(str(err)) from None
+    return cfg
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """User errors (bad keys, missing paths, empty data, refused checkpoints): one line on rank 0, exit 2."""
     return run_main("finetune", lambda: _main(argv))
@@ -436,11 +447,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _main(argv: Optional[list[str]]) -> int:
     cfg = parse_cli(FinetuneConfig, argv, prog="finetune", description="fine-tune or linearly probe a ViT",
-                    finish=resolve_task)
-    try:
-        check_config(cfg)  # and the task's own checks: a wrong value is one line naming its key, before any work
-    except (ValueError, FileNotFoundError) as err:
-        raise BadValue(str(err)) from None
+                    finish=resolved_and_checked)
     try:
         result = train(cfg)
     except Preempted as stop:

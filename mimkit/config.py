@@ -251,12 +251,14 @@ def parse_cli(schema: type[T], argv: Sequence[str] | None = None, prog: str | No
     ``finish(cfg)`` completes the config (a section chosen by another key); its ConfigErrors are
     reported like the schema's. Problems raise :class:`ConfigError` (a :class:`mimkit.errors.UserError`:
     the entry point's :func:`mimkit.errors.run_main` prints it once). ``--help`` lists every key of the
-    schema (``skip_help``: sections left out) and ``more_help()`` (sections chosen at run time)."""
+    schema (``skip_help``: sections left out) and ``more_help()`` (sections chosen at run time);
+    ``--check`` stops after ``finish`` (so it should run the stage's checks that need no work)."""
     parser = _Parser(prog=prog, description=description, add_help=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-h", "--help", action="store_true", help="show this message, every config key, and exit")
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error (or MIMKIT_DEBUG=1)")
+    parser.add_argument("--check", action="store_true", help="check the config (keys, types, values) and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (keys below)")
     args = parser.parse_args(argv)
@@ -270,4 +272,8 @@ def parse_cli(schema: type[T], argv: Sequence[str] | None = None, prog: str | No
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = load_config(schema, args.config, args.overrides)
-    return finish(cfg) if finish is not None else cfg
+    cfg = finish(cfg) if finish is not None else cfg
+    if args.check:  # `mimkit submit` asks before a job waits in a queue to fail on a typo
+        print(f"{prog}: config OK")
+        raise SystemExit(0)
+    return cfg

@@ -284,6 +284,21 @@ def test_submit_cli_parses_options_and_overrides():
             build_parser().parse_args(["pretrain", "c.yaml", "--nodes", bad])
 
 
+def test_submit_checks_the_config_first_and_shows_the_stage_keys(tmp_path):
+    """A typo fails at submission, in one line naming the key, and nothing reaches the queue;
+    `mimkit submit STAGE --help` lists the stage's keys after submit's own options."""
+    cmd = [sys.executable, "-m", "mimkit.cli", "submit", "pretrain", str(PRETRAIN_PRESET), "optim.lrr=1",
+           f"run.root={tmp_path}", "--executor", "local"]
+    out = run(cmd, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip() == ("mimkit submit: nothing submitted: pretrain: unknown config key 'optim.lrr' in "
+                                  "overrides (did you mean 'optim.lr'?)")
+    assert not (tmp_path / "submitit").exists()
+    out = run([sys.executable, "-m", "mimkit.cli", "submit", "pretrain", "--help"], timeout=120, cwd=tmp_path)
+    assert out.returncode == 0 and "--nodes N|MIN-MAX" in out.stdout
+    assert re.search(r"^  optim\.lr +float = ", out.stdout, re.M) and "[method] with objective=milan" in out.stdout
+
+
 def test_submit_with_a_node_range_asks_sbatch_for_the_range(tmp_path):
     """`--nodes 2-4`: the job script submitit writes asks Slurm for 2 to 4 nodes (a requeue may come back
     on any count in the range, and the run resumes on the world size it gets); a fixed count stays fixed."""

@@ -193,14 +193,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", default=None, help="submitit's logs and pickles (default RUN_ROOT/submitit/%%j)")
     p.add_argument("--name", default=None, help="Slurm job name (default: the stage)")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="submit without first checking the config here (the stage's --check)")
     return p
+
+
+def stage_command(stage: str, *args: str) -> list[str]:
+    return [sys.executable, stage_folder(stage), *args]
+
+
+def stage_help(argv: list[str]) -> str:
+    """`mimkit submit [STAGE] --help`: submit's options, then the stage's keys when one is named."""
+    text = build_parser().format_help()
+    stage = next((a for a in argv if a in STAGES), None)
+    if stage is not None:
+        out = subprocess.run(stage_command(stage, "--help"), capture_output=True, text=True)
+        text += f"\n{stage}'s own options and config keys ({stage} --help):\n\n{out.stdout}"
+    return text
+
+
+def check_stage_config(stage: str, config: str, overrides: list[str]) -> str | None:
+    """The stage's `--check` on this machine: None when the config is good, else what the stage said
+    (one line naming the key), so a typo fails now and not after the job waited in the queue."""
+    out = subprocess.run(stage_command(stage, "--config", config, *overrides, "--check"), capture_output=True,
+                         text=True)
+    return None if out.returncode == 0 else (out.stderr.strip() or out.stdout.strip() or f"exit {out.returncode}")
 
 
 def main(argv: list[str] | None = None) -> int:
     import submitit
 
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(stage_help(argv))
+        return 0
     # intermixed: overrides may come before or after the options (`... c.yaml a=1 --nodes 2 b=2`)
-    args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_intermixed_args(argv)
+    if args.check:
+        problem = check_stage_config(args.stage, args.config, args.overrides)
+        if problem is not None:
+            print(f"mimkit submit: nothing submitted: {problem}", file=sys.stderr)
+            return 2
     run_root, _, _ = split_run_overrides(args.overrides, args.stage, "")
     folder = args.folder or str(Path(run_root) / "submitit" / "%j")
     cluster = None if args.executor == "auto" else args.executor
