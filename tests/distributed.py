@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,8 +39,17 @@ def run_torchrun(script: str | os.PathLike, args: list[str] = (), nproc: int = 2
                  cwd: str | os.PathLike | None = None, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     """Run to completion; on failure (or ``check`` and a non-zero exit) raise with the output's tail.
     ``cwd`` should not be the repository root (it would put ``./tokenizers`` on sys.path)."""
-    proc = subprocess.run(torchrun_command(script, list(args), nproc), env=dist_env(**env), cwd=cwd,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    # Its own session: on a timeout the whole group goes (torchrun and its ranks, which a rank waiting in a
+    # collective on a dead peer would otherwise outlive, holding a core).
+    with subprocess.Popen(torchrun_command(script, list(args), nproc), env=dist_env(**env), cwd=cwd,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True) as p:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, _ = p.communicate()
+            raise AssertionError(f"torchrun {Path(script).name} ran past {timeout} s:\n{out[-6000:]}") from None
+    proc = subprocess.CompletedProcess(p.args, p.returncode, out)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {Path(script).name} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
     return proc
