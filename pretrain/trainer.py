@@ -146,7 +146,7 @@ def train(cfg: PretrainConfig) -> int:
     run_dir = make_run_dir(cfg.run.root, cfg.run.name)
     stream_masks = None if objective.masks.needs_scores else objective.masks
     stream = build_stream(cfg.data, rank=rank, world_size=world, masks=stream_masks,
-                          second_view=objective.second_view)
+                          second_view=objective.second_view, device=engine.device, dtype=engine.dtype)
     store = CheckpointStore(run_dir / "checkpoints", cfg.run.keep)
     body = PretrainStep(cfg, engine, objective, stream, schedule, store, run_dir)
     step = 0

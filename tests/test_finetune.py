@@ -115,3 +115,23 @@ def test_unusable_settings_are_refused_before_any_work(tmp_path):
     with pytest.raises(ResumeError, match=r"run.resume=.*nowhere.*no state.json"):
         train(_cfg(tmp_path, "run.name=r", f"run.resume={tmp_path / 'nowhere'}", "data.root=unused"))
     assert not (tmp_path / "finetune").exists()  # refused before the run folder was made
+
+
+def test_the_ema_copy_follows_what_prepare_did_to_the_model(demo, tmp_path, monkeypatch):
+    """On a GPU `accelerator.prepare` moves the network to the device; the EMA copy must be made after it
+    (a copy made before stays on the CPU and every update crosses the bus). No GPU here: a prepare that
+    also turns the network to float64 stands in for the move, and the EMA copy must follow it."""
+    from mimkit.finetune.trainer import build_step, check_config, make_accelerator
+    from mimkit.runlog import MetricsLogger
+
+    cfg = _cfg(tmp_path, "run.name=ema", f"data.root={demo.imagefolder_train.parent}", "ema=0.99")
+    accelerator = make_accelerator(cfg)
+    prepare = accelerator.prepare
+
+    def prepare_and_move(*objects):
+        return prepare(*(o.to(torch.float64) if isinstance(o, torch.nn.Module) else o for o in objects))
+
+    monkeypatch.setattr(accelerator, "prepare", prepare_and_move)
+    step = build_step(cfg, check_config(cfg), accelerator, tmp_path, None, MetricsLogger(tmp_path, enabled=False))
+    assert {p.dtype for p in step.ema.module.parameters()} == {torch.float64}
+    step.update_ema(1)  # the update runs between tensors of one device and dtype

@@ -202,10 +202,12 @@ def train(cfg: TokenizerTrainConfig) -> Path:
     # frozen networks: outside the engine, no grad, eval
     perceptual = build_perceptual(cfg).to(engine.device) if cfg.kind == "peco" and cfg.perceptual.weight > 0 else None
     teacher = build_vqkd_teacher(cfg).to(engine.device) if cfg.kind == "vqkd" else None
-    stream = build_stream(data_cfg, rank=engine.rank, world_size=engine.world_size)
+    stream = build_stream(data_cfg, rank=engine.rank, world_size=engine.world_size, device=engine.device,
+                          dtype=engine.dtype)
     store = CheckpointStore(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
     one_batch = build_stream(dataclasses.replace(data_cfg, num_workers=0, batches_per_epoch=1), rank=0, world_size=1)
-    fixed = stream.device_transform(next(iter(one_batch)))["image"][: cfg.run.picture_count].to(engine.device)
+    fixed = stream.device_transform(next(iter(one_batch)))["image"][: cfg.run.picture_count]
+    fixed = fixed.to(engine.device, torch.float32)
     body = TokenizerStep(cfg, data_cfg, engine, stream, Schedule.from_config(cfg.optim, cfg.run.steps, global_batch),
                          store, teacher, perceptual, run_dir, fixed)
     step = 0

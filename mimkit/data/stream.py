@@ -96,7 +96,7 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     use_draft: bool = True  # JPEG draft() decoding at reduced scale
     tok_from_image: bool = True  # a second view (BEiT's tokenizer view) resized from the ViT view (faster; ~0.4/255 change)
-    pin_memory: bool = False
+    pin_memory: Optional[bool] = None  # page-locked batches; None: where they go to a GPU (the stream's device)
     prefetch_factor: int = 2
     return_keys: bool = False  # add batch["key"]: list of "shard/key" strings (tests, debugging)
 
@@ -385,7 +385,8 @@ class StreamLoader:
     may come again in the resampled part (as with any resampling)."""
 
     def __init__(self, cfg: DataConfig, transform: Callable | None = None, rank: int = 0, world_size: int = 1,
-                 masks: MaskSource | None = None, second_view: SecondView | None = None):
+                 masks: MaskSource | None = None, second_view: SecondView | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if cfg.mode not in ("worker", "device"):
             raise ValueError(f"data.mode must be 'worker' or 'device', got '{cfg.mode}'")
         if cfg.resample not in ("passes", "replacement"):
@@ -403,8 +404,10 @@ class StreamLoader:
         opts = transform_options(cfg, second_view)
         self.transform = transform if transform is not None else build_transform(cfg.mode, **opts)
         self.masks = masks
+        # on the training device: uint8 batches are copied there and become floats of the model's dtype there
         self.device_transform = DeviceTransform(opts["mean"], opts["std"], opts["tok_mean"], opts["tok_std"],
-                                                color_jitter=cfg.color_jitter)
+                                                color_jitter=cfg.color_jitter, dtype=dtype).to(device)
+        self.pin_memory = cfg.pin_memory if cfg.pin_memory is not None else torch.device(device).type == "cuda"
         self.epoch, self.batch, self.skipped = 0, 0, 0
         self.skipped_by = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # this process, since the run began
         # The samples of the current epoch this layout serves, [start, end); start > 0 only in an epoch resampled
@@ -466,7 +469,7 @@ class StreamLoader:
                               self.rank, self.world_size, seed_epoch, self.batch, self.labels, self.batches_this_epoch)
         if self.cfg.num_workers > 0:
             batches: Any = torch.utils.data.DataLoader(
-                dataset, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
+                dataset, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.pin_memory,
                 prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
                 # a SIGKILLed rank must not leave workers holding its sockets (and GPU) open
                 worker_init_fn=worker_init_dies_with_parent())
@@ -501,15 +504,17 @@ def epoch_length(cfg: DataConfig, sources: list[list[str]], world_size: int, ran
 
 
 def build_stream(cfg: DataConfig, transform: Callable | None = None, rank: int = 0, world_size: int = 1,
-                 masks: MaskSource | None = None, second_view: SecondView | None = None) -> StreamLoader:
+                 masks: MaskSource | None = None, second_view: SecondView | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> StreamLoader:
     """The rank's loader. `transform(PIL image, opened not loaded) -> dict of tensors`; default from the
     config, `cfg.mode` and `second_view` (adds "image_tok": BEiT's tokenizer view). `masks` (a mask source
     that needs no scores) adds "mask" [B, N] and "ids_keep" [B, K] to every batch, drawn in the worker.
-    In device mode call `loader.device_transform(batch)` on the training device (in worker mode it passes
-    batches through)."""
+    In device mode call `loader.device_transform(batch)`: it lives on `device` (the engine's), copies the
+    uint8 views there (non-blocking, from page-locked memory on a GPU) and returns floats of `dtype`; in
+    worker mode it passes batches through."""
     if masks is not None and masks.needs_scores:
         raise ValueError("this mask source needs the targets' scores: the trainer draws it, not the stream")
-    return StreamLoader(cfg, transform, rank, world_size, masks, second_view)
+    return StreamLoader(cfg, transform, rank, world_size, masks, second_view, device, dtype)
 
 
 # ----------------------------------------------------------------------------------------- skip metrics
