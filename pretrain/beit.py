@@ -34,6 +34,7 @@ from mimkit.checkpoint.tokenizer_export import load_tokenizer
 from mimkit.models.vit import Block, VisionTransformer
 from mimkit.pretrain.objective import Method, Objective
 from mimkit.pretrain.parts import TokenizerTargets
+from mimkit.teachers.base import TEACHER_DTYPES, frozen_precision
 
 
 @dataclass
@@ -45,7 +46,7 @@ class BeitConfig:
     min_block: int = 16  # smallest block, in patches
     max_block: Optional[int] = None  # None: up to the remaining count
     min_aspect: float = 0.3
-    tokenizer_precision: str = "fp32"  # the frozen tokenizer's own dtype (fp32 | bf16)
+    tokenizer_precision: str = "auto"  # the frozen tokenizer's own dtype: auto (bf16 when the model trains in bf16/fp16, else fp32) | fp32 | bf16
 
 
 @dataclass
@@ -144,9 +145,10 @@ def build(cfg, m: BeitConfig) -> Objective:
     if not m.tokenizer:
         raise BadValue("method.tokenizer is not set: give a tokenizer export folder "
                          "(method.tokenizer=runs/tok/export)")
-    if m.tokenizer_precision not in ("fp32", "bf16"):
-        raise BadValue(f"method.tokenizer_precision={m.tokenizer_precision!r}: expected fp32 or bf16")
-    tokenizer = load_tokenizer(m.tokenizer, key="method.tokenizer").to(dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[m.tokenizer_precision])
+    if m.tokenizer_precision not in ("auto", "fp32", "bf16"):
+        raise BadValue(f"method.tokenizer_precision={m.tokenizer_precision!r}: expected auto, fp32 or bf16")
+    precision = frozen_precision(m.tokenizer_precision, cfg.engine.precision)
+    tokenizer = load_tokenizer(m.tokenizer, key="method.tokenizer").to(dtype=TEACHER_DTYPES[precision])
     encoder = VisionTransformer(copy.deepcopy(cfg.model))
     grid = tuple(encoder.grid_size)
     if tuple(tokenizer.grid) != grid:

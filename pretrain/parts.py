@@ -298,7 +298,7 @@ def masked_regression(cfg, m: RegressionConfig) -> Objective:
     if m.target == "teacher":
         if m.teacher is None:
             raise ValueError("method.target=teacher needs a method.teacher section")
-        teacher = build_teacher(m.teacher, "method.teacher")  # messages name the key as the user wrote it
+        teacher = build_teacher(m.teacher, "method.teacher", cfg.engine.precision)  # messages name the key as the user wrote it
         if tuple(teacher.grid) != grid:
             raise ValueError(f"teacher grid {tuple(teacher.grid)} != student grid {grid}: the targets must align "
                              "patch for patch (pick a teacher with the same patch grid)")

@@ -222,6 +222,19 @@ def test_the_presets_are_all_there():
                            "milan_vit_l16.yaml"]
 
 
+@pytest.mark.parametrize("engine, requested, expected", [
+    ("fp32", "auto", torch.float32), ("bf16", "auto", torch.bfloat16), ("fp16", "auto", torch.bfloat16),
+    ("bf16", "fp32", torch.float32)])
+def test_the_teacher_runs_under_no_grad_in_the_trained_models_precision_unless_told(engine, requested, expected):
+    cfg = load_pretrain_config(PRESETS / "milan_tiny_cpu.yaml", [f"engine.precision={engine}",
+                                                                  f"method.teacher.precision={requested}"])
+    teacher = build_objective(cfg).targets.teacher
+    assert {p.dtype for p in teacher.parameters()} == {expected}
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    out = teacher(images)
+    assert out.tokens.dtype == torch.float32 and not out.tokens.requires_grad  # no graph kept for targets
+
+
 @pytest.mark.parametrize("name", MIM_PRESETS)
 def test_preset_loads_with_every_section(name):
     cfg = load_pretrain_config(PRESETS / name)

@@ -100,6 +100,17 @@ def test_beitv2_adds_a_cls_head_term_logged_apart(assets):
     assert model.encoder.cls_token.grad is not None and model.encoder.cls_token.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("engine, requested, expected", [
+    ("fp32", "auto", torch.float32), ("bf16", "auto", torch.bfloat16), ("bf16", "fp32", torch.float32)])
+def test_the_frozen_tokenizer_runs_in_the_trained_models_precision_unless_told(assets, engine, requested, expected):
+    cfg = _cfg(assets, "beit")
+    cfg.engine.precision, cfg.method.tokenizer_precision = engine, requested
+    objective = build_objective(cfg)
+    assert {p.dtype for p in objective.targets.tokenizer.model.parameters()} == {expected}
+    ids = objective.targets({"image_tok": torch.randn(2, 3, 32, 32, requires_grad=True)})["ids"]
+    assert ids.dtype == torch.long and not ids.requires_grad
+
+
 def test_tokenizer_grid_must_match_the_patch_grid(assets):
     cfg = _cfg(assets, "beit")
     cfg.model.patch_size = 16  # 2x2 patches vs the tokenizer's 4x4 ids

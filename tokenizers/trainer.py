@@ -68,13 +68,13 @@ class TokenizerTrainee(nn.Module):
 def build_perceptual(cfg: TokenizerTrainConfig) -> PerceptualLoss:
     """PeCo's perceptual loss on the tower of the teacher `perceptual.teacher` names."""
     p = cfg.perceptual
-    return PerceptualLoss.from_teacher(build_teacher(p.teacher, "perceptual.teacher"), p.layers,
+    return PerceptualLoss.from_teacher(build_teacher(p.teacher, "perceptual.teacher", cfg.engine.precision), p.layers,
                                        cfg.data.mean, cfg.data.std)
 
 
 def build_vqkd_teacher(cfg: TokenizerTrainConfig) -> Teacher:
     """VQ-KD's target network, `teacher`; its token width must be the one the decoder regresses."""
-    teacher = build_teacher(cfg.teacher, "teacher")
+    teacher = build_teacher(cfg.teacher, "teacher", cfg.engine.precision)
     if teacher.output_dim != cfg.vqkd.teacher_dim:
         raise ValueError(f"vqkd.teacher_dim={cfg.vqkd.teacher_dim} but the teacher gives {teacher.output_dim}-d tokens")
     return teacher

@@ -20,6 +20,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FROZEN_PRECISIONS = ("auto", *TEACHER_DTYPES)  # what a frozen network's `precision` key accepts
+
+
+def frozen_precision(requested: str, trained: str) -> str:
+    """The dtype name a frozen network (teacher, tokenizer) runs in. ``auto`` follows the trained model:
+    fp32 training keeps it fp32; bf16 or fp16 training runs it in bf16 under no-grad (half the memory
+    and time of fp32, and bf16 has fp32's range, so no activation overflows whatever trains)."""
+    if requested != "auto":
+        return requested
+    return "fp32" if trained == "fp32" else "bf16"
 
 
 def teacher_dtype(precision: str) -> torch.dtype:

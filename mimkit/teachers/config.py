@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from mimkit.checkpoint.export_format import is_export
 from mimkit.errors import BadValue, MissingPath
-from mimkit.teachers.base import TEACHER_DTYPES, Teacher
+from mimkit.teachers.base import FROZEN_PRECISIONS, Teacher, frozen_precision
 from mimkit.teachers.clip import CLIPTeacher
 from mimkit.teachers.vit_export import ViTExportTeacher
 
@@ -30,7 +30,7 @@ class TeacherConfig:
     export: Optional[str] = None          # vit_export: the export folder (recorded as an absolute path)
     model_name: str = "ViT-B-16"          # any open_clip model name
     pretrained: Optional[str] = None      # an open_clip tag (from the user's cache) or a checkpoint file
-    precision: str = "fp32"               # the teacher's own dtype: fp32 | bf16 | fp16
+    precision: str = "auto"               # the teacher's own dtype: auto (bf16 when the model trains in bf16/fp16, else fp32) | fp32 | bf16 | fp16
     cache_dir: Optional[str] = None       # open_clip / HF cache holding the tag's weights
     # An open_clip model config (embed_dim, vision_cfg, text_cfg) to build a random model from: tests and
     # CPU presets, where no weights can be downloaded. Overrides model_name. A mapping inline in the YAML,
@@ -42,8 +42,8 @@ class TeacherConfig:
         ``key``: where this section sits in the user's config, for the messages."""
         if self.kind not in TEACHER_KINDS:
             raise BadValue(f"unknown {key}.kind {self.kind!r}; known: {list(TEACHER_KINDS)}")
-        if self.precision not in TEACHER_DTYPES:
-            raise BadValue(f"{key}.precision={self.precision!r}: expected one of {sorted(TEACHER_DTYPES)}")
+        if self.precision not in FROZEN_PRECISIONS:
+            raise BadValue(f"{key}.precision={self.precision!r}: expected one of {list(FROZEN_PRECISIONS)}")
         has_export = self.export is not None and bool(str(self.export).strip())
         if self.kind == "vit_export":
             if not has_export:
@@ -85,22 +85,24 @@ def resolve_model_cfg(model_cfg: Any, key: str = "teacher.model_cfg") -> Optiona
 _warned_random: set[str] = set()
 
 
-def build_teacher(cfg: TeacherConfig, key: str = "teacher") -> Teacher:
+def build_teacher(cfg: TeacherConfig, key: str = "teacher", trained_precision: str = "fp32") -> Teacher:
     """The frozen teacher `cfg.kind` names. For vit_export, `cfg.export` is made absolute in place, so the
     run's config.yaml and its export's mimkit.json name the teacher wherever they are read from.
-    ``key``: where the section sits in the user's config, for the messages."""
+    ``key``: where the section sits in the user's config, for the messages; ``trained_precision``: the
+    trained model's (engine.precision), which ``precision: auto`` follows."""
     cfg.check(key)
+    precision = frozen_precision(cfg.precision, trained_precision)
     if cfg.kind == "vit_export":
         export = Path(cfg.export).expanduser().resolve()
         if not is_export(export):
             raise MissingPath(f"{key}.export={cfg.export}: not a mimkit export (needs model.safetensors "
                                     "and mimkit.json)")
         cfg.export = str(export)
-        return ViTExportTeacher(export, precision=cfg.precision)
+        return ViTExportTeacher(export, precision=precision)
     model_cfg = resolve_model_cfg(cfg.model_cfg, f"{key}.model_cfg")
     if cfg.pretrained is None and model_cfg is None and cfg.model_name not in _warned_random:
         _warned_random.add(cfg.model_name)  # once per process and model: every rank / objective builds one
         log.warning("%s: open_clip %s has no pretrained weights: a random teacher (fine for benchmarks only)",
                     key, cfg.model_name)
     return CLIPTeacher(cfg.model_name, pretrained=cfg.pretrained, model_cfg=model_cfg,
-                       precision=cfg.precision, cache_dir=cfg.cache_dir)
+                       precision=precision, cache_dir=cfg.cache_dir)
