@@ -4,12 +4,15 @@ One torchrun runs every stage (DeepSpeed's import dominates a launch); each test
 """
 
 import json
+import re
 import math
 
 import pytest
 
 from mimkit.checkpoint.store import CheckpointError, CheckpointStore
-from mimkit.distributed.engine import EngineConfig, build_ds_config
+from mimkit.distributed.engine import (EngineConfig, LossScaleConfig, NonFiniteError, SkipCount,
+                                       build_ds_config)
+from mimkit.errors import BadValue
 
 from mimkit_test_distributed import SCRIPTS, run_torchrun  # tests/distributed.py, registered by conftest.py
 
@@ -30,10 +33,51 @@ def test_ds_config():
     assert cfg["zero_optimization"]["stage"] == 3
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
     assert cfg["gradient_clipping"] == 3.0
-    with pytest.raises(ValueError, match="precision"):
-        build_ds_config(EngineConfig(precision="fp8"), 8, 1)
-    with pytest.raises(ValueError, match="zero_stage"):
-        build_ds_config(EngineConfig(zero_stage=4), 8, 1)
+
+
+def test_fp16_gets_a_dynamic_loss_scaler_from_its_keys():
+    cfg = build_ds_config(EngineConfig(precision="fp16", fp16=LossScaleConfig(initial_scale_power=12, window=200)), 8, 1)
+    assert cfg["fp16"] == {"enabled": True, "loss_scale": 0.0, "initial_scale_power": 12, "loss_scale_window": 200,
+                           "hysteresis": 2, "min_loss_scale": 1.0}
+    assert not cfg["bf16"]["enabled"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"precision": "fp8"}, "engine.precision='fp8'"), ({"zero_stage": 4}, "engine.zero_stage=4"),
+    ({"grad_accum": 0}, "engine.grad_accum=0"), ({"backend": "mpi"}, "engine.backend='mpi'"),
+    ({"fp16": LossScaleConfig(window=0)}, "engine.fp16.window=0")])
+def test_values_that_cannot_work_are_refused_naming_the_key(kwargs, message):
+    with pytest.raises(BadValue, match=re.escape(message)):
+        EngineConfig(**kwargs)
+
+
+def test_fp16_overflows_are_counted_but_only_non_finite_steps_in_a_row_end_the_run():
+    skips = SkipCount(max_consecutive=3)
+    for _ in range(10):  # the loss scaler halving its way down from 2**16: never fatal
+        skips.record(True, overflow=True)
+    assert (skips.skipped, skips.overflows, skips.consecutive) == (10, 10, 0)
+    skips.record(True)
+    skips.record(True, overflow=True)  # an overflow between non-finite steps neither resets nor adds
+    skips.record(True)
+    skips.record(False)  # a clean step resets the run of bad ones
+    assert skips.consecutive == 0
+    with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
+        for _ in range(3):
+            skips.record(True)
+
+
+def test_compiled_engine_trains_as_the_eager_one_with_the_same_checkpoint_keys(tmp_path):
+    # aot_eager: dynamo's graph capture and AOTAutograd's joint graph, without inductor's code generation
+    # (minutes of C++ compilation on this CPU; a GPU run uses inductor)
+    run_torchrun(SCRIPTS / "engine_compile_check.py", [tmp_path, "0,3", "aot_eager"], cwd=tmp_path, timeout=400)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for stage, runs in result.items():
+            eager, compiled = runs["eager"], runs["compiled"]
+            assert compiled["compiled"] and not eager["compiled"], f"ZeRO-{stage}"
+            assert compiled["keys"] == eager["keys"] and not any("_orig_mod" in k for k in compiled["keys"])
+            assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5), f"ZeRO-{stage}"
+            assert compiled["losses"][-1] != compiled["losses"][0]  # it trained
 
 
 @pytest.mark.parametrize("stage", STAGES)

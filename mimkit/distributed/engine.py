@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Sequence
 
@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from mimkit.distributed.env import init_rank_env
+from mimkit.errors import BadValue
 from mimkit.optim import apply_schedule
 from mimkit.runlog import filter_known_noise
 
@@ -35,20 +36,83 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
+class LossScaleConfig:
+    """fp16 only: DeepSpeed's dynamic loss scaler. A step whose scaled gradients overflow is skipped and,
+    after `hysteresis` overflows, the scale halves; `window` clean steps in a row double it."""
+
+    initial_scale_power: int = 16  # the first scale is 2 ** this
+    window: int = 1000  # clean steps before the scale doubles
+    hysteresis: int = 2  # overflows tolerated before the scale halves
+    min_scale: float = 1.0  # the run stops when the scale would fall below this
+    fixed: float = 0.0  # > 0: a static scale instead of the dynamic one
+
+
+@dataclass
 class EngineConfig:
     zero_stage: int = 2  # 0 (plain data parallel) to 3
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU; its loss scaler: engine.fp16)
     grad_accum: int = 1
     clip_grad: float = 0.0  # 0: no clipping
-    max_consecutive_skips: int = 5  # this many non-finite steps in a row end the run
+    max_consecutive_skips: int = 5  # this many non-finite steps in a row end the run (fp16 overflows do not count)
     timeout_s: int = 300  # collective timeout: a dead peer ends the run instead of hanging it
     reduce_bucket_size: int = 50_000_000
     overlap_comm: bool = False
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
+    compile: bool = False  # torch.compile the trained model (DeepSpeed's engine.compile: in place, same state-dict keys)
+    compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager skips code generation)
+    fp16: LossScaleConfig = field(default_factory=LossScaleConfig)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, key: str = "engine") -> None:
+        """Values that cannot work, refused before any process group starts (``--check`` runs this)."""
+        if self.precision not in PRECISIONS:
+            raise BadValue(f"{key}.precision={self.precision!r}: expected one of {list(PRECISIONS)}")
+        if not 0 <= self.zero_stage <= 3:
+            raise BadValue(f"{key}.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
+        if self.grad_accum < 1:
+            raise BadValue(f"{key}.grad_accum={self.grad_accum}: expected an integer >= 1")
+        if self.clip_grad < 0:
+            raise BadValue(f"{key}.clip_grad={self.clip_grad}: expected >= 0 (0: no clipping)")
+        if self.max_consecutive_skips < 1:
+            raise BadValue(f"{key}.max_consecutive_skips={self.max_consecutive_skips}: expected >= 1")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise BadValue(f"{key}.backend={self.backend!r}: expected auto, nccl or gloo")
+        for name, value, low, expected in (("window", self.fp16.window, 1, ">= 1"),
+                                           ("hysteresis", self.fp16.hysteresis, 1, ">= 1"),
+                                           ("min_scale", self.fp16.min_scale, 1e-30, "> 0"),
+                                           ("fixed", self.fp16.fixed, 0, ">= 0 (0: dynamic)")):
+            if value < low:
+                raise BadValue(f"{key}.fp16.{name}={value}: expected {expected}")
 
 
 class NonFiniteError(RuntimeError):
     """Raised on every rank after ``max_consecutive_skips`` non-finite steps in a row."""
+
+
+@dataclass
+class SkipCount:
+    """Skipped optimizer steps. A non-finite loss or gradient counts toward the limit in a row; an fp16
+    overflow (finite loss, scaled gradients overflowed) is the loss scaler at work: counted, never fatal
+    (the scaler lowers the scale, and DeepSpeed stops the run itself at ``engine.fp16.min_scale``)."""
+
+    max_consecutive: int
+    skipped: int = 0  # every skipped step, overflows included
+    consecutive: int = 0  # non-finite steps in a row
+    overflows: int = 0
+
+    def record(self, skipped: bool, overflow: bool = False) -> None:
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.skipped += 1
+        if overflow:
+            self.overflows += 1
+            return
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(f"{self.consecutive} optimizer steps in a row had a non-finite loss or gradient")
 
 
 @dataclass
@@ -87,10 +151,7 @@ def is_accelerator_cpu() -> bool:
 
 def build_ds_config(cfg: EngineConfig, micro_batch_size: int, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for this run (also logged into the run folder)."""
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"engine.precision must be one of {PRECISIONS}, got {cfg.precision!r}")
-    if not 0 <= cfg.zero_stage <= 3:
-        raise ValueError(f"engine.zero_stage must be 0..3, got {cfg.zero_stage}")
+    cfg.check()
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage > 0:
         zero.update(reduce_bucket_size=cfg.reduce_bucket_size, allgather_bucket_size=cfg.reduce_bucket_size,
@@ -102,7 +163,9 @@ def build_ds_config(cfg: EngineConfig, micro_batch_size: int, world_size: int) -
         "gradient_clipping": cfg.clip_grad,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": True},
-        "fp16": {"enabled": cfg.precision == "fp16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": cfg.fp16.fixed,  # 0: dynamic
+                 "initial_scale_power": cfg.fp16.initial_scale_power, "loss_scale_window": cfg.fp16.window,
+                 "hysteresis": cfg.fp16.hysteresis, "min_loss_scale": cfg.fp16.min_scale},
         "zero_allow_untested_optimizer": True,  # SkippableAdamW is torch's AdamW
         "steps_per_print": 2**31 - 1,  # the trainer logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
@@ -165,15 +228,18 @@ class Engine:
         self.cfg = cfg
         self.rank, self.world_size = init_process_group(cfg)
         if cfg.precision == "fp16" and is_accelerator_cpu():
-            raise ValueError("engine.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+            raise BadValue("engine.precision=fp16 needs a GPU (DeepSpeed refuses it on CPU): use fp32 or bf16")
         self.ds_config = build_ds_config(cfg, micro_batch_size, self.world_size)
         self.optimizer = SkippableAdamW(list(groups), lr=lr, betas=tuple(betas), eps=eps)
         self.ds, self.ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=self.ds_config,
             dist_init_required=False)
+        if cfg.compile:
+            # DeepSpeed's compile: the module compiled in place (checkpoint keys unchanged), ZeRO-3's
+            # parameter hooks kept outside the graph
+            self.ds.compile(backend=cfg.compile_backend)
         self.micro_step = 0
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
+        self.skips = SkipCount(cfg.max_consecutive_skips)
         self._window_loss_bad = False
 
     # -- the model -------------------------------------------------------------------------------
@@ -250,34 +316,38 @@ class Engine:
             if grad_norm is None:
                 norm = self.ds.get_global_grad_norm()
                 grad_norm = None if norm is None else float(norm)
-            # ZeRO 1-3 / bf16: DeepSpeed skips on a non-finite all-reduced grad norm by itself
-            skip = skip or not self.ds.was_step_applied()
+            # ZeRO 1-3 / bf16: DeepSpeed skips on a non-finite all-reduced grad norm by itself; fp16: also
+            # on an overflow of the scaled gradients, which with a finite loss is the loss scaler at work
+            applied = self.ds.was_step_applied()
+            overflow = self.cfg.precision == "fp16" and not skip and not applied
+            skip = skip or not applied
             self._window_loss_bad = False
-            self._count(skip)
+            try:
+                self.skips.record(skip, overflow)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{e} (rank {self.rank}, micro-step {self.micro_step}); lower the lr, "
+                                     "check the data, or use fp32 (engine.precision)") from None
         lr = max(g["lr"] for g in self.param_groups)
         return StepResult(loss=loss_value, grad_norm=grad_norm, lr=lr, skipped=skip, boundary=boundary)
 
-    def _count(self, skipped: bool) -> None:
-        if not skipped:
-            self.consecutive_skips = 0
-            return
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        if self.consecutive_skips >= self.cfg.max_consecutive_skips:
-            raise NonFiniteError(
-                f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
-                f"(rank {self.rank}, micro-step {self.micro_step}); lower the lr, check the data, or "
-                f"use fp32 (engine.precision)")
+    @property
+    def skipped_steps(self) -> int:
+        return self.skips.skipped
+
+    @property
+    def consecutive_skips(self) -> int:
+        return self.skips.consecutive
 
     # -- state the checkpoint needs ----------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
-        return {"micro_step": self.micro_step, "skipped_steps": self.skipped_steps,
-                "consecutive_skips": self.consecutive_skips}
+        return {"micro_step": self.micro_step, "skipped_steps": self.skips.skipped,
+                "consecutive_skips": self.skips.consecutive, "overflow_steps": self.skips.overflows}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.micro_step = int(state.get("micro_step", 0))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self.skips.skipped = int(state.get("skipped_steps", 0))
+        self.skips.consecutive = int(state.get("consecutive_skips", 0))
+        self.skips.overflows = int(state.get("overflow_steps", 0))
 
 
 def environment_summary(engine: Engine | None = None) -> dict[str, Any]:
