@@ -8,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from mimkit.distributed.engine import Engine, EngineConfig, init_process_group
