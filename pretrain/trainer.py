@@ -27,6 +27,7 @@ from mimkit.checkpoint.store import CheckpointStore
 from mimkit.config import parse_cli, save_config, to_dict
 from mimkit.data.stream import SKIP_TOTALS, StreamLoader, build_stream, derive_seed, expand_shards, pop_skip_metrics, skip_totals
 from mimkit.distributed.engine import Engine, build_ds_config, environment_summary
+from mimkit.models.sdpa import count_attention_kernels
 from mimkit.distributed.loop import LoopConfig, Preempted, endless, train_loop
 from mimkit.distributed.preempt import PreemptionFlag
 from mimkit.errors import run_main
@@ -70,7 +71,10 @@ class PretrainStep:
     def micro_step(self, step: int, raw: dict) -> dict[str, Any]:
         skips = pop_skip_metrics(raw)
         batch = self.engine.to_model(self.stream.device_transform(raw))
-        with torch.no_grad():
+        # the run's first micro-batch says which attention kernel each part gets (not under engine.compile:
+        # the probe would be traced into the graph)
+        probe = self.batches_seen == 0 and self.engine.rank == 0 and not self.cfg.engine.compile
+        with torch.no_grad(), count_attention_kernels(probe) as targets_kernels:
             batch.update(self.objective.targets(batch))
             masks = self.objective.masks
             if masks.needs_scores:  # drawn here, not in the stream: they read the targets' scores
@@ -79,7 +83,11 @@ class PretrainStep:
                 batch.update({k: v.to(self.engine.device) for k, v in drawn.items()})
         self.micro += 1
         self.batches_seen += 1
-        out = self.engine(batch)
+        with count_attention_kernels(probe) as model_kernels:
+            out = self.engine(batch)
+        if probe:
+            print(f"[pretrain] attention kernels ({self.engine.device.type}, {self.cfg.engine.precision}): model "
+                  f"{model_kernels.summary()}; targets {targets_kernels.summary()}", flush=True)
         result = self.engine.train_step(self.cfg.debug.poison(out["loss"], step, self.engine.rank))
         self.batch, self.lr = batch, result.lr
         metrics = {k: v for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}

@@ -3,6 +3,7 @@ over gloo): loss falls, a NaN step is skipped on both ranks, uneven shards give 
 SIGKILLed rank ends the run, and the resumed run repeats the uninterrupted one's losses exactly."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -124,8 +125,17 @@ def test_tokenizer_grid_must_match_the_patch_grid(assets):
 @pytest.fixture(scope="module")
 def full_run(assets):
     """12 steps uninterrupted; a NaN loss on rank 1 at step index 6; checkpoints every 4 steps."""
-    launch(assets, "full", **{"run.steps": 12, "run.save_every": 4, "debug.nan_at_step": 6, "debug.nan_rank": 1})
+    out = launch(assets, "full", **{"run.steps": 12, "run.save_every": 4, "debug.nan_at_step": 6, "debug.nan_rank": 1})
+    (assets[0] / "runs" / "full" / "launch.log").write_text(out.stdout)
     return assets[0] / "runs" / "full"
+
+
+def test_the_first_step_says_which_attention_kernel_model_and_tokenizer_get(full_run):
+    lines = [line for line in (full_run / "launch.log").read_text().splitlines() if "attention kernels" in line]
+    # once (rank 0, first micro-batch); the 2-block encoder's calls, by torch's own choice on this CPU;
+    # the dVAE tokenizer has no attention
+    assert len(lines) == 1 and "(cpu, fp32)" in lines[0], lines
+    assert re.search(r"model (FLASH_ATTENTION|EFFICIENT_ATTENTION|MATH) x2; targets no attention calls", lines[0])
 
 
 def test_loss_falls_and_nan_step_is_skipped_on_both_ranks(full_run):
