@@ -101,7 +101,7 @@ class FinetuneConfig:
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: float = 0.0  # > 0: keep an EMA of the weights with this decay and evaluate it too
-    precision: str = "auto"  # auto (bf16 where a GPU is, else fp32) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 where a GPU is, else fp32) | bf16 | fp32 | fp16 (a GPU; dynamic loss scaling)
     cpu: bool = False  # force CPU (tests)
     eval_every: int = 1  # epochs
     debug: FaultConfig = field(default_factory=FaultConfig)  # fault knobs (tests); ranks: process indices
@@ -109,6 +109,7 @@ class FinetuneConfig:
 
 MODES = ("finetune", "linprobe")
 SCHEDULES = ("cosine", "poly", "step")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def load_finetune_config(config_file=None, overrides=()) -> FinetuneConfig:

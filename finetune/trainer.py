@@ -49,7 +49,7 @@ from mimkit.config import parse_cli, save_config
 from mimkit.distributed.loop import LoopConfig, Preempted, train_loop
 from mimkit.distributed.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 from mimkit.errors import BadValue, run_main
-from mimkit.finetune.config import SCHEDULES, FinetuneConfig
+from mimkit.finetune.config import PRECISIONS, SCHEDULES, FinetuneConfig
 from mimkit.finetune.task import Task
 from mimkit.finetune.tasks import resolve_task, task_for
 from mimkit.optim import apply_schedule, cosine_schedule, param_groups, poly_schedule, resolve_lr, step_schedule
@@ -75,6 +75,10 @@ def check_config(cfg: FinetuneConfig) -> Task:
             raise BadValue(f"{key}={value}: expected >= {least}")
     if cfg.optim.schedule not in SCHEDULES:
         raise BadValue(f"optim.schedule={cfg.optim.schedule!r}: expected one of {SCHEDULES}")
+    if cfg.precision not in PRECISIONS:
+        raise BadValue(f"precision={cfg.precision!r}: expected one of {list(PRECISIONS)}")
+    if cfg.precision == "fp16" and not runs_on_gpu(cfg):
+        raise BadValue("precision=fp16 needs a GPU (its loss scaler is CUDA's): use fp32 or bf16 on CPU")
     return task_for(cfg.task).build(cfg)
 
 
@@ -312,14 +316,22 @@ class FinetuneStep:
         return metrics
 
 
+def runs_on_gpu(cfg: FinetuneConfig) -> bool:
+    return torch.cuda.is_available() and not cfg.cpu
+
+
+def mixed_precision(cfg: FinetuneConfig) -> str:
+    """accelerate's `mixed_precision`: auto is bf16 where a GPU is and fp32 (no) on CPU, where bf16 matmuls
+    are far slower; fp16 brings accelerate's dynamic loss scaler."""
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if runs_on_gpu(cfg) else "fp32")
+    return "no" if precision == "fp32" else precision
+
+
 def make_accelerator(cfg: FinetuneConfig) -> Accelerator:
-    on_gpu = torch.cuda.is_available() and not cfg.cpu
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
-    if precision == "bf16" and not on_gpu:
-        precision = "fp32"  # fp32 on CPU
+    on_gpu = runs_on_gpu(cfg)
     loader_cfg = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.run.seed,
                                          non_blocking=on_gpu)  # from pinned batches (task.loader_options)
-    return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if precision == "bf16" else "no",
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed_precision(cfg),
                        dataloader_config=loader_cfg)
 
 

@@ -112,6 +112,10 @@ def test_resume_refuses_a_checkpoint_whose_files_carry_code(demo, tmp_path):
 def test_unusable_settings_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"run.log_every=0: expected >= 1"):
         train(_cfg(tmp_path, "run.log_every=0"))
+    with pytest.raises(ValueError, match=r"precision='fp8': expected one of"):
+        train(_cfg(tmp_path, "precision=fp8"))
+    with pytest.raises(ValueError, match=r"precision=fp16 needs a GPU"):  # cpu=true: no loss scaler here
+        train(_cfg(tmp_path, "precision=fp16"))
     with pytest.raises(ResumeError, match=r"run.resume=.*nowhere.*no state.json"):
         train(_cfg(tmp_path, "run.name=r", f"run.resume={tmp_path / 'nowhere'}", "data.root=unused"))
     assert not (tmp_path / "finetune").exists()  # refused before the run folder was made
