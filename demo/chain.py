@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +67,28 @@ def save_knn_curves(out: Path, runs: dict[str, Path]) -> None:
         print(f"\nk-NN top-1 (first -> last evaluation): {change}\n  k-NN curves        {path}")
 
 
+@dataclass
+class DeviceSettings:
+    env: dict[str, str]  # for every stage's process
+    nproc: int  # ranks per DeepSpeed stage
+    engine: list[str]  # overrides of the DeepSpeed stages (tokenizer, pretraining)
+    finetune: list[str]  # overrides of the fine-tuning stages
+
+
+def device_settings(device: str, precision: str | None) -> DeviceSettings:
+    """What `--device` and `--precision` change in each stage: the presets are CPU ones (fp32, `cpu: true`)."""
+    precision = precision or ("fp32" if device == "cpu" else "bf16")
+    nproc = 2 if device == "cpu" else max(1, _cuda_devices())
+    return DeviceSettings(env={"DS_ACCELERATOR": device}, nproc=nproc, engine=[f"engine.precision={precision}"],
+                          finetune=[f"cpu={str(device == 'cpu').lower()}", f"precision={precision}"])
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def run_stage(title: str, cmd: list[str], env: dict) -> float:
     """Run one stage as a subprocess, streaming its output; fail loudly with the command to re-run."""
     print(f"\n=== {title}\n$ {shlex.join(cmd)}", flush=True)
@@ -93,7 +116,12 @@ def first_and_last(run_dir: Path, key: str) -> tuple[float, float] | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mimkit demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="run root of the demo (default: runs/demo)")
-    parser.add_argument("--nproc", type=int, default=2, help="ranks per DeepSpeed stage (default: 2)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="ranks per DeepSpeed stage (default: 2 on cpu, one per GPU on cuda)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where every stage runs (cuda: DeepSpeed's CUDA accelerator, NCCL, one rank per GPU)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="training precision of every stage (default: fp32 on cpu, bf16 on cuda)")
     parser.add_argument("--tokenizer-steps", type=int, default=DEFAULTS["tokenizer_steps"])
     parser.add_argument("--pretrain-steps", type=int, default=DEFAULTS["pretrain_steps"])
     parser.add_argument("--mae-steps", type=int, default=DEFAULTS["mae_steps"], help="MAE steps (0: skip MAE)")
@@ -115,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    settings = device_settings(args.device, args.precision)
+    env.update(settings.env)
+    nproc = args.nproc or settings.nproc
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank: the ranks share the cores
     times: dict[str, float] = {}
@@ -137,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         if not is_export(run_dir / "export"):
             # k-NN at the start, halfway and the end: ~1.3 s each on 2 cores
             knn = knn_overrides(data, max(1, steps // 2)) if module == "mimkit.pretrain" else []
-            times[key] = run_stage(title, launcher(args.nproc, module) + [
+            times[key] = run_stage(title, launcher(nproc, module) + [
                 "--config", str(PRESETS[key]), f"run.root={out}", f"run.name={name}", f"run.steps={steps}",
-                f"run.seed={args.seed}", f"data.shards={data.train_shard_pattern}", *extra, *knn], env)
+                f"run.seed={args.seed}", f"data.shards={data.train_shard_pattern}", *settings.engine, *extra, *knn], env)
         return run_dir
 
     tok_dir = stage("tokenizer", "2. tokenizer: tiny DALL-E dVAE", "mimkit.tokenizers", "tokenizer", args.tokenizer_steps)
@@ -165,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if not table.exists():
             times[key] = run_stage(title, [sys.executable, "-m", "mimkit.finetune.compare_init", *inits,
                                            "--seeds", *map(str, args.finetune_seeds), "--no-table", "--config", str(PRESETS[preset]),
-                                           f"run.root={out}", f"run.name={key}", *extra], env)
+                                           f"run.root={out}", f"run.name={key}", *settings.finetune, *extra], env)
         return table
 
     comparison = out / "finetune_comparison.json"
