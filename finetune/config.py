@@ -103,6 +103,8 @@ class FinetuneConfig:
     ema: float = 0.0  # > 0: keep an EMA of the weights with this decay and evaluate it too
     precision: str = "auto"  # auto (bf16 where a GPU is, else fp32) | bf16 | fp32 | fp16 (a GPU; dynamic loss scaling)
     cpu: bool = False  # force CPU (tests)
+    compile: bool = False  # torch.compile the network in place (checkpoint keys unchanged); off until measured
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: graph capture without code generation)
     eval_every: int = 1  # epochs
     debug: FaultConfig = field(default_factory=FaultConfig)  # fault knobs (tests); ranks: process indices
 

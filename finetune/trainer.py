@@ -353,6 +353,8 @@ def build_step(cfg: FinetuneConfig, task: Task, accelerator: Accelerator, run_di
     # Built from the prepared model, so it lives on the accelerator's device (timm also puts its
     # stochastic-rounding generator on the device of the copy it makes here).
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema) if cfg.ema > 0 else None
+    if cfg.compile:  # after the EMA copy, which stays eager; in place, so state-dict keys keep their names
+        accelerator.unwrap_model(model).compile(backend=cfg.compile_backend)
     ckpt_root = run_dir / "checkpoints"
     start = resume_progress(resume_from, accelerator, model, optimizer, ema, len(train_loader))
     model.train()

@@ -17,6 +17,7 @@ from mimkit.finetune.config import FinetuneConfig
 from mimkit.finetune.metrics import topk_correct
 from mimkit.checkpoint.safe_load import CheckpointError
 from mimkit.finetune.trainer import ResumeError, train
+from mimkit.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "finetune" / "tiny_cpu.yaml"
@@ -63,6 +64,24 @@ def test_shards_and_imagefolder_train_and_evaluate(demo, tmp_path):
     b = train(_cfg(tmp_path, "run.name=shards", "data.format=shards", f"data.train_shards={demo.train_shard_pattern}",
                    f"data.val_shards={demo.val_shard_pattern}", *common))
     assert a["count"] == b["count"] == demo.num_val
+
+
+def test_a_compiled_network_trains_as_the_eager_one(demo, tmp_path):
+    # aot_eager: dynamo's capture and AOTAutograd's joint graph without inductor's code generation (minutes
+    # of C++ compilation on this CPU); a GPU run uses inductor
+    common = [f"data.root={demo.imagefolder_train.parent}", "optim.epochs=1", "optim.max_steps=3",
+              "aug.enabled=false", "model.drop_path=0.0", "run.log_every=1", "compile_backend=aot_eager"]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    eager = train(_cfg(tmp_path, "run.name=eager", *common))
+    assert not counters["stats"]["unique_graphs"]
+    compiled = train(_cfg(tmp_path, "run.name=compiled", "compile=true", *common))
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the network
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+    assert compiled["top1"] == eager["top1"]
+    losses = [[r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r] for name in ("eager", "compiled")]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)  # step by step
 
 
 def test_two_processes_give_the_same_accuracy_as_one(demo, tmp_path):
