@@ -93,7 +93,7 @@ class _VisibleOnlyDecoder(nn.Module):
         both with their positions added; masked positions in ascending order."""
         B, K = ids_keep.shape
         visible = self.embed(latent)                                             # [B, 1+K, D]
-        pos = self.pos_embed.expand(B, -1, -1)                                   # [B, 1+N, D]
+        pos = self.pos_embed.to(visible.dtype).expand(B, -1, -1)                 # [B, 1+N, D] (fp32 buffer under bf16)
         keep_pos = torch.cat([pos[:, :1], pos[:, 1:].gather(1, _expand(ids_keep, pos.shape[-1]))], dim=1)
         visible = visible + keep_pos
         ids_masked = masked_ids(ids_keep, self.num_patches)                      # [B, N-K]

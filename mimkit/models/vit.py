@@ -339,8 +339,8 @@ class VisionTransformer(nn.Module):
             w = mask.reshape(B, N, 1).to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         P = self.num_prefix_tokens
-        if self.pos_embed is not None:
-            x = x + self.pos_embed[:, P:]
+        if self.pos_embed is not None:  # a sin-cos buffer stays fp32 under DeepSpeed bf16 (it casts parameters only)
+            x = x + self.pos_embed[:, P:].to(x.dtype)
         if ids_keep is not None:
             # Gather after adding positions, so each kept patch keeps its own position.
             x = torch.gather(x, 1, ids_keep[:, :, None].expand(-1, -1, D))  # [B, K, D]
