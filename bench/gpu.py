@@ -187,7 +187,7 @@ def build_objective_rows(name: str, args, device: torch.device, precision: str) 
             with torch.no_grad():
                 targets(fixed)
 
-        built.update(engine=engine, teacher_step=teacher_step)
+        built.update(engine=engine, step=step, teacher_step=teacher_step)
         flops = step_flops(step)  # eager, before any compile: the counter sees every op
         if args.compile:
             engine.ds.compile()
@@ -200,6 +200,12 @@ def build_objective_rows(name: str, args, device: torch.device, precision: str) 
     heads = encoder.cfg.num_heads
     shape = (args.batch, heads, encoder.num_prefix_tokens + visible, encoder.embed_dim // heads)
     rows[name].info["sdpa"] = sdpa_probe(shape, encoder.rel_pos_bias is not None, device, built["engine"].dtype)
+    if not args.compile:  # what torch dispatched in one real step, every attention call (model and targets)
+        from mimkit.models.sdpa import AttentionKernels
+
+        with AttentionKernels() as kernels:
+            built["step"]()
+        rows[name].info["sdpa"]["step_calls"] = dict(kernels.calls)
     if name == "milan":
         teacher = built["teacher_step"]
         rows["milan_teacher"] = measured_row(lambda: (teacher, step_flops(teacher), {}), device, args.warmup)
