@@ -229,9 +229,12 @@ def train(cfg: TokenizerTrainConfig) -> Path:
                           on_window=lambda s, m: {"lr": body.lr, "skipped_steps": engine.skipped_steps})
         logger.log(step, samples=body.samples(step), skipped_steps=engine.skipped_steps,
                    **skip_totals(stream, engine.device), event="end")
+        master = engine.master_weights()  # every rank: a collective where the master copy is partitioned
+        tokenizer_master = {k.removeprefix("tokenizer."): v for k, v in master.items() if k.startswith("tokenizer.")}
         with engine.full_parameters():
             if engine.rank == 0:
-                write_export(cfg, engine.module.tokenizer, fixed, run_dir, step, body.samples(step), teacher, data_cfg)
+                write_export(cfg, engine.module.tokenizer, tokenizer_master, fixed, run_dir, step, body.samples(step),
+                             teacher, data_cfg)
     finally:
         bar.close()
         logger.close()
@@ -241,16 +244,19 @@ def train(cfg: TokenizerTrainConfig) -> Path:
     return run_dir
 
 
-def write_export(cfg: TokenizerTrainConfig, tok_module: nn.Module, fixed: torch.Tensor, run_dir: Path, step: int,
-                 samples: int, teacher, data_cfg) -> None:
-    """The tokenizer export, and a check file: a fixed batch and the ids the trained model gives it."""
+def write_export(cfg: TokenizerTrainConfig, tok_module: nn.Module, weights: dict[str, torch.Tensor], fixed: torch.Tensor,
+                 run_dir: Path, step: int, samples: int, teacher, data_cfg) -> None:
+    """The tokenizer export (`weights`: the fp32 master weights), and a check file: a fixed batch and the ids
+    the trained model gives it (in fp32 training, what the export must give too)."""
     meta = {"input_size": data_cfg.image_size, "interpolation": data_cfg.interpolation,
             "mean": list(data_cfg.mean), "std": list(data_cfg.std), "step": step, "samples_seen": samples,
             "data_shards_hash": shard_list_hash(data_cfg.shards), "run": cfg.run.name,
             "teacher": teacher.meta if teacher is not None else None, "config": to_dict(cfg)}
-    save_tokenizer_export(tok_module, run_dir / "export", meta, include_decoder=cfg.export.include_decoder)
+    save_tokenizer_export(tok_module, run_dir / "export", meta, include_decoder=cfg.export.include_decoder,
+                          weights=weights)
     tok_module.eval()
-    torch.save({"images": fixed.float().cpu(), "ids": tok_module.tokenize(fixed).cpu()}, run_dir / CHECK_FILE)
+    ids = tok_module.tokenize(fixed.to(next(tok_module.parameters()).dtype))
+    torch.save({"images": fixed.float().cpu(), "ids": ids.cpu()}, run_dir / CHECK_FILE)
 
 
 @torch.no_grad()
@@ -262,7 +268,8 @@ def save_reconstruction_picture(tokenizer: nn.Module, images: torch.Tensor, data
 
     was_training = tokenizer.training
     tokenizer.eval()
-    recon = tokenizer.decode_ids(tokenizer.tokenize(images)).float()
+    dtype = next(tokenizer.parameters()).dtype  # the engine's (bf16 weights under DeepSpeed bf16)
+    recon = tokenizer.decode_ids(tokenizer.tokenize(images.to(dtype))).float()
     tokenizer.train(was_training)
     save_reconstructions(denormalize(images.float().cpu(), data_cfg.mean, data_cfg.std),
                          denormalize(recon.cpu(), data_cfg.mean, data_cfg.std), path)

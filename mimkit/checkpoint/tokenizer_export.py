@@ -70,8 +70,9 @@ def _as_pair(size: Any) -> tuple[int, int]:
 
 
 def save_tokenizer_export(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any],
-                          include_decoder: bool = False) -> Path:
+                          include_decoder: bool = False, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model.safetensors`` + ``mimkit.json`` into ``out_dir`` (written on rank 0 by the caller).
+    ``weights``: parameter values that replace the module's (the engine's fp32 master weights of a bf16 run).
 
     ``meta`` must hold ``input_size`` (int or [H, W]), ``interpolation``, ``mean``, ``std``; anything
     else (step, samples seen, data hash, training config) is stored as given.
@@ -83,7 +84,8 @@ def save_tokenizer_export(model: nn.Module, out_dir: str | os.PathLike, meta: di
     prefixes = model.tokenizing_prefixes()
     if include_decoder:
         prefixes = prefixes + model.decoding_prefixes()
-    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()
+    weights = weights or {}
+    state = {k: weights.get(k, v).detach().float().contiguous().cpu() for k, v in model.state_dict().items()
              if k.startswith(prefixes) and v.is_floating_point()}
     state.update({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                   if k.startswith(prefixes) and not v.is_floating_point()})

@@ -278,6 +278,18 @@ class Engine:
 
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
+    def master_weights(self) -> dict[str, torch.Tensor]:
+        """Every parameter of the module, full and fp32, on the CPU: under bf16 / fp16 the optimizer's fp32
+        master copy, not the module's rounded weights (what an export must hold). Collective under ZeRO-3
+        and ZeRO 1-2 (the master copy is partitioned): every rank calls it."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        weights = {}
+        for name, param in self.module.named_parameters():
+            master = safe_get_full_fp32_param(param)  # None where no optimizer wrapper holds one (fp32, ZeRO-0)
+            weights[name] = (master if master is not None else param.detach()).float().cpu()
+        return weights
+
     @property
     def param_groups(self) -> list[dict]:
         """The groups DeepSpeed steps (ZeRO's wrapper exposes the client groups, ``lr_scale`` kept)."""

@@ -153,7 +153,8 @@ class DiscreteVAE(nn.Module):
 
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, h, w] -> mapped pixels [B, 3, 8h, 8w]."""
-        one_hot = F.one_hot(ids, self.cfg.vocab_size).permute(0, 3, 1, 2).float()
+        dtype = next(self.decoder.parameters()).dtype  # bf16 under a bf16 engine
+        one_hot = F.one_hot(ids, self.cfg.vocab_size).permute(0, 3, 1, 2).to(dtype)
         return self.pixels_from_output(self.decoder(one_hot))
 
     def forward(self, images: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
