@@ -68,8 +68,9 @@ class PretrainStep:
         self.micro = 0
 
     def micro_step(self, step: int, raw: dict) -> dict[str, Any]:
+        raw = self.stream.device_transform(raw)  # before the skip counts: decode_on_device may add to them
         skips = pop_skip_metrics(raw)
-        batch = self.engine.to_model(self.stream.device_transform(raw))
+        batch = self.engine.to_model(raw)
         with torch.no_grad():
             batch.update(self.objective.targets(batch))
             masks = self.objective.masks
