@@ -1,6 +1,7 @@
 """Data loading throughput, images per second on one core; prints JSON.
 
     python bench/data.py [--images 300] [--batch 32] [--repeats 3] [--image-size 224] [--tok-size 112]
+    python bench/data.py --paths DEVICE [--images 256] [--batch 64] [--workers N]
 
 Side by side on the same ImageNet-size JPEGs (about 500 x 375, cut from scikit-image's sample photos):
 
@@ -19,6 +20,10 @@ Side by side on the same ImageNet-size JPEGs (about 500 x 375, cut from scikit-i
 Everything runs in the main process (num_workers=0, one torch thread), so the rate is per core; the
 headline rate divides by this process's CPU time, which other load on a shared machine barely changes
 (wall-clock rates are reported too). Each measurement is the best of `--repeats` passes.
+
+`--paths DEVICE` (`data_path_rates`) measures whole-machine wall-clock rates instead: worker mode through
+`build_stream`'s DataLoader on all cores vs `data.mode=decode_on_device` (workers parse JPEG headers, the
+main process decodes each batch on DEVICE), on the same JPEGs.
 """
 
 from __future__ import annotations
@@ -248,6 +253,46 @@ def bench(args) -> dict:
     }
 
 
+def data_path_rates(device: str, images: int = 256, batch: int = 64, workers: int | None = None) -> dict:
+    """Images per second (wall clock, best of 2 passes) of two whole data paths on this machine, on the same
+    ImageNet-size JPEGs, BEiT's views (224 bicubic + 112), colour jitter 0.4, no masks: worker mode through
+    `build_stream`'s DataLoader with `workers` processes (default: all cores), each batch's views then moved to
+    `device`; and decode_on_device mode (the workers parse headers, `loader.device_transform` decodes each
+    batch on `device` in the main process, with one torch thread on a CPU). `image_px` is the mean photo size."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    batches = max(1, images // batch)
+    on_gpu = torch.device(device).type == "cuda"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, shards = make_dataset(Path(tmp), images)
+        sizes = np.array([Image.open(p).size for p in folder.rglob("*.jpg")])
+
+        def path(mode: str):
+            cfg = DataConfig(shards=str(shards), batch_size=batch, num_workers=workers, batches_per_epoch=batches,
+                             shuffle_buffer=100, mode=mode)
+            loader = build_stream(cfg, second_view=SecondView(112), device=device)
+
+            def run():
+                for raw in loader:
+                    out = loader.device_transform(raw)
+                    for key in ("image", "image_tok"):  # where the model is (decode_on_device: there already)
+                        out[key].to(device, non_blocking=True)
+                if on_gpu:
+                    torch.cuda.synchronize()
+            return run
+
+        threads = torch.get_num_threads()
+        if not on_gpu:  # the main process decodes beside the workers: one thread, not an oversubscribed pool
+            torch.set_num_threads(1)
+        try:
+            rates = {mode: rate(path(mode), batches * batch, repeats=2)["wall"] for mode in ("worker", "decode_on_device")}
+        finally:
+            torch.set_num_threads(threads)
+    return {"device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({_cpu_name()})",
+            "worker_mode_all_cores_img_s": rates["worker"], "decode_on_device_img_s": rates["decode_on_device"],
+            "workers": workers, "cores": os.cpu_count(), "images": batches * batch, "batch": batch,
+            "image_px": [int(v) for v in sizes.mean(0).round()]}
+
+
 def _cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -267,14 +312,21 @@ def _has_flag(flag: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=320)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--images", type=int, default=None, help="default 320; 256 with --paths")
+    parser.add_argument("--batch", type=int, default=None, help="default 32; 64 with --paths")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--tok-size", type=int, default=112)
     parser.add_argument("--photo-scale", type=float, default=1.0,
                         help="photo size relative to ImageNet's ~500 x 375 (2.0: 1000 x 750, where draft() helps)")
+    parser.add_argument("--paths", metavar="DEVICE", default=None,
+                        help="only worker mode on all cores vs decode_on_device on DEVICE (cpu, cuda): `data_path_rates`")
+    parser.add_argument("--workers", type=int, default=None, help="with --paths: DataLoader workers (default: all cores)")
     args = parser.parse_args(argv)
+    if args.paths:
+        print(json.dumps(data_path_rates(args.paths, args.images or 256, args.batch or 64, args.workers)))
+        return 0
+    args.images, args.batch = args.images or 320, args.batch or 32
     print(json.dumps(bench(args), indent=1))
     return 0
 

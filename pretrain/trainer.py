@@ -69,8 +69,9 @@ class PretrainStep:
         self.micro = 0
 
     def micro_step(self, step: int, raw: dict) -> dict[str, Any]:
+        raw = self.stream.device_transform(raw)  # before the skip counts: decode_on_device may add to them
         skips = pop_skip_metrics(raw)
-        batch = self.engine.to_model(self.stream.device_transform(raw))
+        batch = self.engine.to_model(raw)
         # the run's first micro-batch says which attention kernel each part gets (not under engine.compile:
         # the probe would be traced into the graph)
         probe = self.batches_seen == 0 and self.engine.rank == 0 and not self.cfg.engine.compile

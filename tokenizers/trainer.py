@@ -126,8 +126,9 @@ class TokenizerStep:
         self.engine.set_schedule(self.schedule.lr_at(step), self.schedule.weight_decay_at(step))
 
     def micro_step(self, step: int, raw: dict) -> dict:
+        raw = self.stream.device_transform(raw)  # before the skip counts: decode_on_device may add to them
         skips = pop_skip_metrics(raw)
-        images = self.engine.to_model(self.stream.device_transform(raw))["image"]
+        images = self.engine.to_model(raw)["image"]
         target = None
         if self.teacher is not None:  # VQ-KD regresses the frozen teacher's tokens
             with torch.no_grad():

@@ -59,8 +59,12 @@ from mimkit.data.sources import (
     DECODE_ERRORS, SKIP_REASONS, BadLabel, LabelReader, expand_shards, find_classes, image_key, is_local_tar,
     member_bytes, read_shard, read_sizes, skip_key,
 )
-from mimkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform, SecondView, build_transform
+from mimkit.data.transforms import (
+    DATA_MODES, IMAGENET_MEAN, IMAGENET_STD, RAGGED_KEYS, TORCH_MODES, SecondView, build_device_transform,
+    build_transform,
+)
 from mimkit.distributed.lifetime import worker_init_dies_with_parent
+from mimkit.errors import BadValue
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +86,7 @@ class DataConfig:
     seed: int = 0
     shuffle_buffer: int = 1000  # samples held per worker
     resample: str = "passes"  # "passes" (disjoint slots within a pass) | "replacement"
-    mode: str = "worker"  # "worker": full transform in workers | "device": uint8 + DeviceTransform
+    mode: str = "worker"  # "worker": full transform in workers | "device": uint8 views + DeviceTransform | "decode_on_device": JPEG bytes, decoded batched on the GPU (DeviceDecodeTransform)
     labels: bool = False  # read labels into batch["label"] (pretraining needs none: -1, nothing parsed)
     require_label: bool = False  # skip samples without a label (implies labels)
     classes: str = ""  # class-name labels: a classes file (JSON list / object, or one name a line); "": classes.json beside the shards
@@ -94,7 +98,7 @@ class DataConfig:
     color_jitter: float = 0.4
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    use_draft: bool = True  # JPEG draft() decoding at reduced scale
+    use_draft: bool = True  # JPEG draft() decoding at reduced scale (not in decode_on_device: the device decodes in full)
     tok_from_image: bool = True  # a second view (BEiT's tokenizer view) resized from the ViT view (faster; ~0.4/255 change)
     pin_memory: Optional[bool] = None  # page-locked batches; None: where they go to a GPU (the stream's device)
     prefetch_factor: int = 2
@@ -213,11 +217,16 @@ def seeded_rngs(seed: int):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack per-sample dicts of tensors (and lists of strings) into a batch."""
+    """Stack per-sample dicts of tensors (and lists of strings) into a batch; a `RAGGED_KEYS` entry (encoded
+    bytes of varying length) is concatenated, with each sample's length in KEY_sizes."""
     out: dict[str, Any] = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+        if key in RAGGED_KEYS:
+            out[key] = torch.cat(values)
+            out[key + "_sizes"] = torch.tensor([len(v) for v in values], dtype=torch.long)
+        else:
+            out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return out
 
 
@@ -255,6 +264,7 @@ class WorkerStream:
         self.e, self.cfg, self.worker = e, e.cfg, worker
         self.skips = SkipCounter()
         self.loading = True
+        self.needs_bytes = getattr(e.transform, "needs_bytes", False)
         workers = max(1, self.cfg.num_workers)
         self.seed_parts = (self.cfg.seed, e.rank, worker, e.epoch)
         slot, num_slots = e.rank * workers + worker, e.world_size * workers
@@ -357,8 +367,9 @@ class WorkerStream:
                 return None
             label = -1 if found is None else found
         try:
-            with Image.open(io.BytesIO(member_bytes(raw[ext]))) as img:
-                sample = self.e.transform(img)
+            data = member_bytes(raw[ext])
+            with Image.open(io.BytesIO(data)) as img:  # decode_on_device: the worker half takes the bytes too
+                sample = self.e.transform(img, data) if self.needs_bytes else self.e.transform(img)
         except DECODE_ERRORS as err:
             self.skips("undecodable image", f"{name}: {type(err).__name__}: {err}")
             return None
@@ -387,8 +398,11 @@ class StreamLoader:
     def __init__(self, cfg: DataConfig, transform: Callable | None = None, rank: int = 0, world_size: int = 1,
                  masks: MaskSource | None = None, second_view: SecondView | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        if cfg.mode not in ("worker", "device"):
-            raise ValueError(f"data.mode must be 'worker' or 'device', got '{cfg.mode}'")
+        if cfg.mode not in DATA_MODES:
+            raise BadValue(f"data.mode={cfg.mode}: expected one of {', '.join(DATA_MODES)}")
+        if cfg.mode == "decode_on_device" and cfg.interpolation not in TORCH_MODES:
+            raise BadValue(f"data.interpolation={cfg.interpolation}: data.mode=decode_on_device resizes with "
+                           f"{' or '.join(TORCH_MODES)}")
         if cfg.resample not in ("passes", "replacement"):
             raise ValueError(f"data.resample must be 'passes' or 'replacement', got '{cfg.resample}'")
         if not 0 <= rank < world_size:
@@ -404,9 +418,10 @@ class StreamLoader:
         opts = transform_options(cfg, second_view)
         self.transform = transform if transform is not None else build_transform(cfg.mode, **opts)
         self.masks = masks
-        # on the training device: uint8 batches are copied there and become floats of the model's dtype there
-        self.device_transform = DeviceTransform(opts["mean"], opts["std"], opts["tok_mean"], opts["tok_std"],
-                                                color_jitter=cfg.color_jitter, dtype=dtype).to(device)
+        # on the training device: uint8 batches (or JPEG bytes, decoded there) become floats of the model's dtype there
+        self.device_transform = build_device_transform(cfg.mode, dtype=dtype, **opts).to(device)
+        if cfg.mode == "decode_on_device":  # a JPEG the device decoder rejects is a skip of this process
+            self.device_transform.on_reject = self._count_rejected_on_device
         self.pin_memory = cfg.pin_memory if cfg.pin_memory is not None else torch.device(device).type == "cuda"
         self.epoch, self.batch, self.skipped = 0, 0, 0
         self.skipped_by = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # this process, since the run began
@@ -456,6 +471,10 @@ class StreamLoader:
             self.epoch, self.batch, self.span = self.epoch + 1, 0, (0, self.epoch_samples)
         else:
             self.batch, self.span = 0, (served, end)
+
+    def _count_rejected_on_device(self) -> None:
+        self.skipped += 1
+        self.skipped_by[SKIP_REASONS.index("undecodable image")] += 1
 
     def _next_epoch(self) -> None:
         self.epoch, self.batch, self.span = self.epoch + 1, 0, (0, self.epoch_samples)
@@ -511,7 +530,8 @@ def build_stream(cfg: DataConfig, transform: Callable | None = None, rank: int =
     that needs no scores) adds "mask" [B, N] and "ids_keep" [B, K] to every batch, drawn in the worker.
     In device mode call `loader.device_transform(batch)`: it lives on `device` (the engine's), copies the
     uint8 views there (non-blocking, from page-locked memory on a GPU) and returns floats of `dtype`; in
-    worker mode it passes batches through."""
+    decode_on_device mode it decodes the batch's JPEG bytes there first; in worker mode it passes batches
+    through."""
     if masks is not None and masks.needs_scores:
         raise ValueError("this mask source needs the targets' scores: the trainer draws it, not the stream")
     return StreamLoader(cfg, transform, rank, world_size, masks, second_view, device, dtype)

@@ -7,6 +7,11 @@ Two ways to run the same augmentation:
 * device mode (`DecodeOnlyTransform` + `DeviceTransform`): the worker only decodes, crops and resizes
   to fixed-size uint8 tensors and draws the per-sample flip / jitter factors; the training device
   applies them batched. uint8 batches are 4x smaller to move and the float work leaves the CPU.
+* decode-on-device mode (`HeaderOnlyTransform` + `DeviceDecodeTransform`), for a GPU the CPUs cannot
+  feed: the worker reads only the JPEG header (for the size the crop box needs) and sends the encoded
+  bytes; the device decodes the batch in one `torchvision.io.decode_jpeg` call (nvJPEG on a GPU), crops,
+  resizes, then finishes as device mode. Images it cannot take (not JPEG, CMYK, no end marker) are
+  decoded in the worker as device mode does. All three modes draw the same numbers (`_CropViews._draw`).
 
 Both decode JPEGs with PIL's `draft()` (DCT-domain downscale by 1/2, 1/4 or 1/8) whenever the crop
 box is large enough that the reduced image still covers the output size, then crop+resize in one
@@ -27,6 +32,7 @@ Both views of a sample share the crop box and flip, as in BEiT; jitter factors a
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import warnings
@@ -38,6 +44,8 @@ import torch
 from PIL import Image, ImageStat
 import torch.nn.functional as nnf
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -411,13 +419,182 @@ class DeviceTransform(nn.Module):
         return out
 
 
+class HeaderOnlyTransform(DecodeOnlyTransform):
+    """Decode-on-device mode, worker half: a whole RGB or grey JPEG is not decoded here; its header gives the
+    size, the crop box, flip and jitter are drawn as in the other modes, and its bytes go to the device.
+
+    Per sample: {"jpeg": encoded bytes (1-D uint8), "box": [4] long (left, top, right, bottom), "decoded":
+    1-D uint8 (empty), "flip", "jitter"}. Anything else (PNG, WebP, CMYK JPEG, a JPEG without its end marker:
+    truncated, or with bytes after the image) is the fallback: decoded here as `DecodeOnlyTransform` does,
+    its uint8 views flattened into "decoded" (image, then image_tok), "jpeg" empty, so the stream's skip
+    counting sees a truncated JPEG fail here as in the other modes. No draft(): the device decodes at full
+    size, and the fallback crops the full image too. The stream concatenates the `RAGGED_KEYS`.
+    """
+
+    needs_bytes = True  # the stream calls it with the opened image and the encoded bytes
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.use_draft = False
+
+    def __call__(self, img: Image.Image, data: bytes) -> dict[str, torch.Tensor]:
+        if not device_decodable(img, data):
+            sample = super().__call__(img)
+            decoded = torch.cat([sample.pop(key).reshape(-1) for key, _, _ in self.views])
+            return {"jpeg": torch.empty(0, dtype=torch.uint8), "box": torch.zeros(4, dtype=torch.long),
+                    "decoded": decoded, **sample}
+        box, flip, jitter = self._draw(img)
+        return {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                "box": torch.tensor(box, dtype=torch.long), "decoded": torch.empty(0, dtype=torch.uint8),
+                "flip": torch.tensor(flip), "jitter": torch.tensor(jitter, dtype=torch.float32)}
+
+
+# Per-sample 1-D tensors of varying length: the stream concatenates them into batch[KEY] and puts each
+# sample's length in batch[KEY + "_sizes"].
+RAGGED_KEYS = ("jpeg", "decoded")
+
+
+def device_decodable(img: Image.Image, data: bytes) -> bool:
+    """A JPEG the device decoder takes as the worker would: baseline / progressive RGB or grey, whole (ends
+    with the EOI marker; a truncated file then fails in the worker and is counted as in the other modes)."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and data.endswith(b"\xff\xd9")
+
+
+def resize_uint8_on_device(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """`resize_uint8` on any device: GPUs have no uint8 antialiased kernels, so there it resizes in float
+    and rounds back to uint8 (within 1 / 255 of the CPU's uint8 kernel)."""
+    if x.device.type == "cpu":  # the fast uint8 kernel needs channels-last contiguous memory (a box is a
+        # strided view of the decoded image: 10x slower without this 0.2 ms copy at ImageNet size)
+        return resize_uint8(x.unsqueeze(0).contiguous(memory_format=torch.channels_last)[0], size, mode)
+    return resize_through_float(x, size, mode)
+
+
+def resize_through_float(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    if x.shape[1] == size and x.shape[2] == size:
+        return x
+    y = nnf.interpolate(x.unsqueeze(0).float(), size=(size, size), mode=mode, antialias=True)[0]
+    return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class DeviceDecodeTransform(DeviceTransform):
+    """Decode-on-device mode, device half: encoded JPEGs + crop boxes + factors -> the batch `DeviceTransform`
+    returns in device mode (same keys, shapes, dtype).
+
+    One batched `torchvision.io.decode_jpeg(..., device=...)` (nvJPEG on a GPU; libjpeg-turbo on the CPU,
+    as the tests run it), then per image: cut the box, resize it to `image_size` (uint8, antialiased, torch's
+    kernels as device mode's torch backend) and the tokenizer view from the image view (`tok_from_image`,
+    torch's antialiased bicubic as `tok_approx`) or from the box; the worker's fallback views are put back
+    at their places; flip, jitter and normalisation are `DeviceTransform`'s. A JPEG the device decoder
+    rejects although its header and end marker were whole (a corrupt body) becomes a mid-grey image, with
+    a warning: the batch keeps its size, and the rejection is counted as an "undecodable image" skip in the
+    batch's "skipped" / "skipped_by" (read them after this call) and through `on_reject` (the stream's totals).
+    """
+
+    def __init__(self, image_size: int = 224, tok_size: int | None = None, interpolation: str = "bicubic",
+                 tok_interpolation: str = "lanczos", tok_from_image: bool = True, **kw):
+        super().__init__(**kw)
+        if interpolation not in TORCH_MODES:
+            raise ValueError(f"decode on device resizes with {sorted(TORCH_MODES)}, got '{interpolation}'")
+        self.image_size, self.tok_size, self.mode = image_size, tok_size, interpolation
+        self.tok_mode = TORCH_MODES.get(tok_interpolation, "bicubic")
+        self.tok_from_image = tok_from_image and bool(tok_size) and tok_size <= image_size
+        self.rejected = 0
+        self.on_reject: Callable[[], None] | None = None  # set by the stream: its skip totals count them too
+
+    @torch.no_grad()
+    def forward(self, batch: dict) -> dict:
+        if "jpeg" not in batch:  # a batch of another mode
+            return super().forward(batch)
+        rejected_before = self.rejected
+        views = self.views(batch)
+        if self.rejected > rejected_before and "skipped_by" in batch:
+            batch = count_undecodable(batch, self.rejected - rejected_before)
+        consumed = ("box", *RAGGED_KEYS, *(key + "_sizes" for key in RAGGED_KEYS))
+        rest = {k: v for k, v in batch.items() if k not in consumed}
+        return super().forward({**views, **rest})  # the keys in device mode's order
+
+    def views(self, batch: dict) -> dict[str, torch.Tensor]:
+        """uint8 [B, 3, S, S] "image" (and [B, 3, T, T] "image_tok") on the device, in batch order."""
+        device = self.mean.device
+        jpeg_sizes, decoded_sizes = batch["jpeg_sizes"].tolist(), batch["decoded_sizes"].tolist()
+        on_device = [i for i, n in enumerate(jpeg_sizes) if n > 0]
+        encoded = batch["jpeg"].cpu().split(jpeg_sizes)  # the decoder reads host memory
+        images = self.decode([encoded[i] for i in on_device], device)
+        shapes = [("image", self.image_size)] + ([("image_tok", self.tok_size)] if self.tok_size else [])
+        out: dict[str, list] = {key: [None] * len(jpeg_sizes) for key, _ in shapes}
+        boxes = batch["box"].tolist()
+        for i, image in zip(on_device, images):
+            if image is None:  # rejected by the decoder: a mid-grey stand-in
+                crop = torch.full((3, self.image_size, self.image_size), 128, dtype=torch.uint8, device=device)
+            else:
+                left, top, right, bottom = boxes[i]
+                crop = image[:, top:bottom, left:right]
+            out["image"][i] = resize_uint8_on_device(crop, self.image_size, self.mode)
+            if self.tok_size:
+                source = out["image"][i] if self.tok_from_image else crop
+                out["image_tok"][i] = resize_uint8_on_device(source, self.tok_size, self.tok_mode)
+        flat = batch["decoded"].to(device, non_blocking=True).split(decoded_sizes)
+        for i, n in enumerate(decoded_sizes):
+            if n > 0:  # decoded in the worker: image, then image_tok, each [3, S, S] flattened
+                parts = flat[i].split([3 * size * size for _, size in shapes])
+                for (key, size), part in zip(shapes, parts):
+                    out[key][i] = part.view(3, size, size)
+        return {key: torch.stack(views) for key, views in out.items()}
+
+    def decode(self, encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+        """RGB uint8 [3, H, W] per JPEG, in one batched call; None for one the decoder rejects."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if not encoded:
+            return []
+        try:
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad image fails the whole call: decode one by one to find it
+            out: list[torch.Tensor | None] = []
+            for data in encoded:
+                try:
+                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError as err:
+                    self.rejected += 1
+                    if self.on_reject is not None:
+                        self.on_reject()
+                    log.warning("the device decoder rejected a JPEG (%s); a grey image stands in for it "
+                                "[rejected so far: %d]", err, self.rejected)
+                    out.append(None)
+            return out
+
+
+def count_undecodable(batch: dict, count: int) -> dict:
+    """`batch` with `count` more "undecodable image" skips in "skipped" and "skipped_by"."""
+    from mimkit.data.sources import SKIP_REASONS  # here: sources imports this module
+
+    by = batch["skipped_by"].clone()
+    by[SKIP_REASONS.index("undecodable image")] += count
+    return {**batch, "skipped": batch["skipped"] + count, "skipped_by": by}
+
+
+DATA_MODES = ("worker", "device", "decode_on_device")
+
+
 def build_transform(mode: str = "worker", **options) -> Callable[[Image.Image], dict[str, torch.Tensor]]:
-    """`ViewTransform` for mode "worker", `DecodeOnlyTransform` for "device" (mean/std options dropped:
-    they belong to the `DeviceTransform`)."""
+    """The worker half of `mode` (`DATA_MODES`): `ViewTransform` for "worker", `DecodeOnlyTransform` for
+    "device", `HeaderOnlyTransform` for "decode_on_device" (mean/std options dropped: they belong to the
+    device half, `build_device_transform`)."""
     if mode == "worker":
         return ViewTransform(**options)
-    if mode == "device":
+    if mode in ("device", "decode_on_device"):
         for key in ("mean", "std", "tok_mean", "tok_std"):
             options.pop(key, None)
-        return DecodeOnlyTransform(**options)
-    raise ValueError(f"unknown data mode '{mode}' (expected 'worker' or 'device')")
+        return DecodeOnlyTransform(**options) if mode == "device" else HeaderOnlyTransform(**options)
+    raise ValueError(f"unknown data mode '{mode}' (expected one of {DATA_MODES})")
+
+
+def build_device_transform(mode: str = "worker", dtype: torch.dtype = torch.float32, **options) -> DeviceTransform:
+    """The device half of `mode`, from `build_transform`'s options (those it does not use are ignored):
+    `DeviceTransform` (passes worker-mode batches through), or `DeviceDecodeTransform` for "decode_on_device"."""
+    norm = {key: options[key] for key in ("mean", "std", "tok_mean", "tok_std", "color_jitter") if key in options}
+    if mode != "decode_on_device":
+        return DeviceTransform(**norm, dtype=dtype)
+    views = {key: options[key] for key in ("image_size", "tok_size", "interpolation", "tok_interpolation",
+                                           "tok_from_image") if key in options}
+    return DeviceDecodeTransform(**views, **norm, dtype=dtype)
