@@ -1,14 +1,17 @@
-"""Launch a script on 2 CPU ranks with torchrun from a test: free port, timeout, output kept; and a
-tampered checkpoint file, as a hostile shared filesystem would hand one over."""
+"""Launch a script on 2 CPU ranks with torchrun from a test: free port, timeout, output kept; a
+tampered checkpoint file, as a hostile shared filesystem would hand one over; and a tar of chosen
+members (corrupt ones included), as a broken shard writer would leave one."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
@@ -80,3 +83,13 @@ def inject_payload(path: Path, marker: Path) -> None:
     if "files" in record:
         record["files"][path.name] = file_digest(path)
         record_path.write_text(json.dumps(record))
+
+
+def write_tar(path: str | os.PathLike, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A tar holding KEY.EXT members with exactly the bytes given, in order."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))

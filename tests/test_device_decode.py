@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from mimkit_test_distributed import write_tar  # tests/distributed.py, registered by conftest.py
 from mimkit.data.masking import BlockMasks
 from mimkit.data.stream import DataConfig, build_stream
 from mimkit.data.transforms import SecondView, resize_through_float, resize_uint8
@@ -43,15 +43,6 @@ def png(size=(56, 44)) -> bytes:
     out = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(out, "PNG")
     return out.getvalue()
-
-
-def write_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def make_shards(folder, counts: list[int]) -> str:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mimkit_test_distributed import write_tar  # tests/distributed.py, registered by conftest.py
 from mimkit.data.masking import BlockMasks
 from mimkit.data.stream import DataConfig, build_stream, expand_shards
 from mimkit.data.transforms import SecondView
@@ -31,15 +32,6 @@ def png16(size=(40, 32)) -> bytes:
     assert img.mode.startswith("I;16")
     img.save(out, format="PNG")
     return out.getvalue()
-
-
-def write_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def make_shards(folder, counts: list[int], prefix="s") -> str:
