@@ -2,8 +2,11 @@
 run after the chain (`mimkit.demo.smoke`). The chain itself on a GPU cannot run here: `--dry-run` shows
 the commands, and the checks run on real run folders and exports written by the library's writers."""
 
+import json
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +71,17 @@ def test_an_export_must_load_whole_and_give_finite_features(tmp_path):
                           meta)
     with pytest.raises(SmokeFailure, match="non-finite features"):
         check_vit_export(broken)
+
+
+def test_gpu_checks_runs_the_bench_and_says_what_it_ran_on(tmp_path):
+    # --cpu: bench/gpu.py at its tiny size (no wheels to install here: the venv has everything)
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh"), "bench", "--cpu"], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "torch " in (tmp_path / "versions.txt").read_text() and "deepspeed" in (tmp_path / "versions.txt").read_text()
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(result["objectives"]) >= {"beit", "mae", "milan"} and "beit_mfu" in done.stdout
+    wrong = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh"), "all", "--gpus=8"], capture_output=True,
+                           text=True, cwd=ROOT)
+    assert wrong.returncode == 2 and "unknown argument '--gpus=8'" in wrong.stderr
