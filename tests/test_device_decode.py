@@ -7,6 +7,7 @@ pixels that differ only by the decoder."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 
 import numpy as np
@@ -59,12 +60,7 @@ def small_config(shards: str, **kw) -> DataConfig:
 
 
 def take(loader, n: int) -> list[dict]:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
+    return list(itertools.islice(loader, n))
 
 
 def both_modes(shards: str, **kw):

@@ -1,6 +1,7 @@
 """The shard stream: resume, per-rank / per-worker streams, bad samples, equal batch counts."""
 
 import io
+import itertools
 import json
 import tarfile
 import time
@@ -57,12 +58,7 @@ def small_config(shards: str, **kw) -> DataConfig:
 
 
 def take(loader, n: int) -> list[dict]:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
+    return list(itertools.islice(loader, n))
 
 
 BLOCK_MASKS = BlockMasks((2, 2), 2, min_block=1)  # drawn per batch in the worker, seeded by the stream
