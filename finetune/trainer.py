@@ -399,7 +399,7 @@ def _train(cfg: FinetuneConfig, task: Task, flag: PreemptionFlag) -> dict[str, A
         best = {f"best_{task.primary}": max(body.best, metrics[task.primary])}
         result = dict(metrics, **best, steps=step, epochs=body.batches.epoch + 1, task=cfg.task, primary=task.primary,
                       num_processes=accelerator.num_processes, mode=cfg.mode, init=cfg.model.init or "scratch",
-                      train_images=len(body.batches.loader.dataset))
+                      train_images=len(body.batches.loader.dataset), mixed_precision=accelerator.mixed_precision)
         if accelerator.is_main_process:
             (run_dir / "results.json").write_text(json.dumps(result, indent=2))
     finally:

@@ -72,9 +72,11 @@ class PretrainStep:
         raw = self.stream.device_transform(raw)  # before the skip counts: decode_on_device may add to them
         skips = pop_skip_metrics(raw)
         batch = self.engine.to_model(raw)
-        # the run's first micro-batch says which attention kernel each part gets (not under engine.compile:
-        # the probe would be traced into the graph)
-        probe = self.batches_seen == 0 and self.engine.rank == 0 and not self.cfg.engine.compile
+        # A fresh run's first micro-batch says which attention kernel each part gets. Only step 1 of a run
+        # that starts at 0, on every rank: the probe (a TorchFunctionMode) turns off fast paths such as
+        # nn.MultiheadAttention's, so a resumed run must not probe where the uninterrupted one did not. Not
+        # under engine.compile: the probe would be traced into the graph.
+        probe = step == 1 and self.micro == 0 and not self.cfg.engine.compile
         with torch.no_grad(), count_attention_kernels(probe) as targets_kernels:
             batch.update(self.objective.targets(batch))
             masks = self.objective.masks
@@ -86,7 +88,7 @@ class PretrainStep:
         self.batches_seen += 1
         with count_attention_kernels(probe) as model_kernels:
             out = self.engine(batch)
-        if probe:
+        if probe and self.engine.rank == 0:
             print(f"[pretrain] attention kernels ({self.engine.device.type}, {self.cfg.engine.precision}): model "
                   f"{model_kernels.summary()}; targets {targets_kernels.summary()}", flush=True)
         result = self.engine.train_step(self.cfg.debug.poison(out["loss"], step, self.engine.rank))

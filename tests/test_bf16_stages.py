@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,7 @@ import mimkit_test_distributed as _helper  # tests/distributed.py, registered by
 from mimkit.checkpoint.export_format import is_export
 from mimkit.checkpoint.load import load_vit_export
 from mimkit.checkpoint.tokenizer_export import load_tokenizer, save_random_tokenizer_export
-from mimkit.config import load_config
 from mimkit.data.demo import make_demo_data
-from mimkit.finetune.config import FinetuneConfig
-from mimkit.finetune.trainer import train as finetune
 from mimkit.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,10 +75,14 @@ def test_deepspeed_stage_trains_in_bf16_and_exports(runs, name):
 
 
 def test_fine_tuning_trains_in_bf16_from_a_bf16_pretraining(runs, tmp_path):
+    # its own process: accelerate's state (mixed precision included) is one per process
     root, demo = runs
-    cfg = load_config(FinetuneConfig, ROOT / "configs" / "finetune" / "tiny_cpu.yaml", [
-        f"run.root={tmp_path}", "run.name=ft", f"data.root={demo.imagefolder_train.parent}", "precision=bf16",
-        f"model.init={root / 'runs' / 'mae' / 'export'}", "optim.epochs=1", "optim.max_steps=4", "run.log_every=1"])
-    result = finetune(cfg)
+    done = subprocess.run([sys.executable, "-m", "mimkit.finetune", "--config", str(ROOT / "configs/finetune/tiny_cpu.yaml"),
+                           f"run.root={tmp_path}", "run.name=ft", f"data.root={demo.imagefolder_train.parent}",
+                           "precision=bf16", f"model.init={root / 'runs' / 'mae' / 'export'}", "optim.epochs=1",
+                           "optim.max_steps=4", "run.log_every=1"], capture_output=True, text=True, cwd=tmp_path,
+                          env=_helper.dist_env(), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     losses = [r["loss"] for r in read_metrics(tmp_path / "ft") if "loss" in r]
-    assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and math.isfinite(result["loss"])
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["mixed_precision"] == "bf16"
