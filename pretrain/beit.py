@@ -34,7 +34,7 @@ from mimkit.checkpoint.tokenizer_export import load_tokenizer
 from mimkit.models.vit import Block, VisionTransformer
 from mimkit.pretrain.objective import Method, Objective
 from mimkit.pretrain.parts import TokenizerTargets
-from mimkit.teachers.base import TEACHER_DTYPES, frozen_precision
+from mimkit.teachers.base import frozen_precision, teacher_dtype
 
 
 @dataclass
@@ -148,7 +148,7 @@ def build(cfg, m: BeitConfig) -> Objective:
     if m.tokenizer_precision not in ("auto", "fp32", "bf16"):
         raise BadValue(f"method.tokenizer_precision={m.tokenizer_precision!r}: expected auto, fp32 or bf16")
     precision = frozen_precision(m.tokenizer_precision, cfg.engine.precision)
-    tokenizer = load_tokenizer(m.tokenizer, key="method.tokenizer").to(dtype=TEACHER_DTYPES[precision])
+    tokenizer = load_tokenizer(m.tokenizer, key="method.tokenizer").to(dtype=teacher_dtype(precision))
     encoder = VisionTransformer(copy.deepcopy(cfg.model))
     grid = tuple(encoder.grid_size)
     if tuple(tokenizer.grid) != grid:

@@ -27,10 +27,10 @@ from mimkit.checkpoint.store import CheckpointStore
 from mimkit.config import parse_cli, save_config, to_dict
 from mimkit.data.stream import SKIP_TOTALS, StreamLoader, build_stream, derive_seed, expand_shards, pop_skip_metrics, skip_totals
 from mimkit.distributed.engine import Engine, build_ds_config, environment_summary
-from mimkit.models.sdpa import count_attention_kernels
 from mimkit.distributed.loop import LoopConfig, Preempted, endless, train_loop
 from mimkit.distributed.preempt import PreemptionFlag
 from mimkit.errors import run_main
+from mimkit.models.sdpa import count_attention_kernels
 from mimkit.optim import Schedule, param_groups
 from mimkit.pretrain.config import PretrainConfig
 from mimkit.pretrain.knn_monitor import KnnMonitor, check_knn_section

@@ -256,7 +256,7 @@ def write_export(cfg: TokenizerTrainConfig, tok_module: nn.Module, weights: dict
     save_tokenizer_export(tok_module, run_dir / "export", meta, include_decoder=cfg.export.include_decoder,
                           weights=weights)
     tok_module.eval()
-    ids = tok_module.tokenize(fixed.to(next(tok_module.parameters()).dtype))
+    ids = tok_module.tokenize(fixed)
     torch.save({"images": fixed.float().cpu(), "ids": ids.cpu()}, run_dir / CHECK_FILE)
 
 
@@ -269,8 +269,7 @@ def save_reconstruction_picture(tokenizer: nn.Module, images: torch.Tensor, data
 
     was_training = tokenizer.training
     tokenizer.eval()
-    dtype = next(tokenizer.parameters()).dtype  # the engine's (bf16 weights under DeepSpeed bf16)
-    recon = tokenizer.decode_ids(tokenizer.tokenize(images.to(dtype))).float()
+    recon = tokenizer.decode_ids(tokenizer.tokenize(images)).float()
     tokenizer.train(was_training)
     save_reconstructions(denormalize(images.float().cpu(), data_cfg.mean, data_cfg.std),
                          denormalize(recon.cpu(), data_cfg.mean, data_cfg.std), path)

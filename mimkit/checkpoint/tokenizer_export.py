@@ -138,8 +138,7 @@ class Tokenizer:
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape[-2:]) != self.input_size:
             raise ValueError(f"tokenizer expects {self.input_size} inputs, got {tuple(images.shape[-2:])}")
-        dtype = next(self.model.parameters()).dtype
-        return self.model.tokenize(images.to(dtype))
+        return self.model.tokenize(images)
 
     __call__ = tokenize
 

@@ -142,8 +142,8 @@ class DiscreteVAE(nn.Module):
 
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised (mapped) images [B, 3, H, W] -> ids [B, H/8, W/8]."""
-        return self.encoder(images).argmax(1)
+        """Normalised (mapped) images [B, 3, H, W], any float dtype -> ids [B, H/8, W/8]."""
+        return self.encoder(images.to(next(self.encoder.parameters()).dtype)).argmax(1)
 
     def pixels_from_output(self, out: torch.Tensor) -> torch.Tensor:
         """Decoder output -> reconstruction in the mapped pixel space (same space as the input)."""

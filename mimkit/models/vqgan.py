@@ -145,8 +145,8 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images [B, 3, H, W] -> ids [B, H/16, W/16]."""
-        return self.quantizer.lookup(self.encode(images))
+        """Normalised images [B, 3, H, W], any float dtype -> ids [B, H/16, W/16]."""
+        return self.quantizer.lookup(self.encode(images.to(next(self.encoder.parameters()).dtype)))
 
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, h, w] -> reconstruction [B, 3, 16h, 16w] in the input's normalisation."""

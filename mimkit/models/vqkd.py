@@ -106,8 +106,8 @@ class VQKD(nn.Module):
 
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images [B, 3, H, W] -> ids [B, H/p, W/p]."""
-        ids = self.quantizer.lookup(self.encode(images))  # [B, N]
+        """Normalised images [B, 3, H, W], any float dtype -> ids [B, H/p, W/p]."""
+        ids = self.quantizer.lookup(self.encode(images.to(next(self.encoder.parameters()).dtype)))  # [B, N]
         return ids.reshape(ids.shape[0], *self.cfg.grid)
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
