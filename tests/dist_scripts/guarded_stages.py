@@ -13,14 +13,10 @@ import torch
 import torch.distributed as dist
 
 from device_guard import HostTensorInCollective, Residency, guard_collectives
+from run_stages import run_stages
 
 from mimkit.distributed.engine import EngineConfig, init_process_group
 from mimkit.models.codebook import all_reduce_sum_
-from mimkit.pretrain.trainer import parse_args, train
-from mimkit.tokenizers.cli import main as tokenizers_main
-
-# pretraining by `train`: its `main` also ends the process group, and the next stage runs in this process
-STAGES = {"pretrain": lambda argv: train(parse_args(argv)), "tokenizers": tokenizers_main}
 
 seen = guard_collectives()
 control = "accepted"
@@ -31,10 +27,7 @@ with Residency("cpu"):  # the engine's device on this machine; the guard stands 
     except HostTensorInCollective as refused:
         control = f"refused: {refused}"
     all_reduce_sum_(torch.zeros(2, device="cpu"))  # on the engine's device: passes
-    for stage, argv in json.loads(sys.argv[1]):
-        code = STAGES[stage](argv)
-        if code:
-            raise SystemExit(f"{stage} exited {code}")
+    run_stages(json.loads(sys.argv[1]))
 if dist.get_rank() == 0:
     with open(sys.argv[2], "w") as f:
         json.dump({"control": control, "seen": dict(seen)}, f, indent=1)

@@ -15,9 +15,15 @@ from mimkit.tokenizers.cli import main as tokenizers_main
 # pretraining by `train`: its `main` also ends the process group, and the next stage runs in this process
 STAGES = {"pretrain": lambda argv: train(parse_args(argv)), "tokenizers": tokenizers_main}
 
-for stage, argv in json.loads(sys.argv[1]):
-    code = STAGES[stage](argv)
-    if code:
-        raise SystemExit(f"{stage} exited {code}")
-dist.barrier()
-dist.destroy_process_group()
+
+def run_stages(stages: list) -> None:
+    for stage, argv in stages:
+        code = STAGES[stage](argv)
+        if code:
+            raise SystemExit(f"{stage} exited {code}")
+
+
+if __name__ == "__main__":
+    run_stages(json.loads(sys.argv[1]))
+    dist.barrier()
+    dist.destroy_process_group()
