@@ -16,6 +16,7 @@ import torch
 from mimkit.checkpoint.export_format import is_export
 from mimkit.checkpoint.load import load_vit_export
 from mimkit.checkpoint.tokenizer_export import load_tokenizer
+from mimkit.errors import UserError
 from mimkit.runlog import read_metrics
 
 PRETRAIN_RUNS = ("beit", "mae", "milan")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for line in check_demo(args.out):
             print(f"smoke: {line}", flush=True)
-    except SmokeFailure as failure:
+    except (SmokeFailure, UserError) as failure:  # UserError: an export that is missing or refused
         print(f"smoke: FAILED: {failure}", file=sys.stderr)
         return 1
     print(f"smoke: OK ({args.out})")

@@ -85,3 +85,12 @@ def test_gpu_checks_runs_the_bench_and_says_what_it_ran_on(tmp_path):
     wrong = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh"), "all", "--gpus=8"], capture_output=True,
                            text=True, cwd=ROOT)
     assert wrong.returncode == 2 and "unknown argument '--gpus=8'" in wrong.stderr
+
+
+def test_a_chain_killed_before_its_export_fails_the_smoke_in_one_line(tmp_path, capsys):
+    from mimkit.demo.smoke import main
+
+    MetricsLogger(tmp_path / "tokenizer", enabled=True, tensorboard=False).log(1, loss=1.0)
+    assert main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("smoke: FAILED: ") and "tokenizer/export" in err
